@@ -1,0 +1,48 @@
+"""Paged causal attention over a block-table KV cache, for prefill and decode alike.
+
+Sequence b owns query rows query_start_loc[b]:query_start_loc[b+1]; its KV length seq_lens[b]
+already counts this step's tokens, so query row i of n sits at position seq_lens[b] - n + i."""
+import torch
+
+from .dispatch import use_triton
+
+
+def _gather_kv(cache, table, length):
+    block_size = cache.shape[1]
+    n_blocks = (length + block_size - 1) // block_size
+    return cache[table[:n_blocks].long()].flatten(0, 1)[:length]  # [length, n_kv, hd]
+
+
+def paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
+                        max_query_len, scale, max_seq_len=None):
+    out = torch.empty_like(q)
+    group = q.shape[1] // k_cache.shape[2]
+    starts = query_start_loc.tolist()
+    for b, length in enumerate(seq_lens.tolist()):
+        lo, hi = starts[b], starts[b + 1]
+        if hi == lo:
+            continue
+        k = _gather_kv(k_cache, block_tables[b], length).float().repeat_interleave(group, dim=1)
+        v = _gather_kv(v_cache, block_tables[b], length).float().repeat_interleave(group, dim=1)
+        qb = q[lo:hi].float()
+        scores = torch.einsum("qhd,khd->hqk", qb, k) * scale
+        q_pos = torch.arange(length - (hi - lo), length, device=q.device)
+        k_pos = torch.arange(length, device=q.device)
+        scores.masked_fill_(k_pos[None, None, :] > q_pos[None, :, None], float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        out[lo:hi] = torch.einsum("hqk,khd->qhd", probs, v).to(q.dtype)
+    return out
+
+
+def paged_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
+                           max_query_len, scale, max_seq_len=None):
+    return paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
+                               max_query_len, scale, max_seq_len)
+
+
+def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
+                    max_query_len: int, scale: float, max_seq_len=None):
+    """q [T, n_heads, hd]; caches [num_blocks, block_size, n_kv, hd] -> out [T, n_heads, hd]."""
+    fn = paged_attention_triton if use_triton(q) else paged_attention_ref
+    return fn(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
+              max_query_len, scale, max_seq_len)
