@@ -1,0 +1,137 @@
+"""LlamaGenerator: load a model once, then generate text, stream it, or read logits."""
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+
+import torch
+
+from api.model_source import resolve_model_dir
+from api.stop_text import StopTextFilter
+from graph.llama import LlamaModel
+from runtime.engine import Engine, Sequence
+from runtime.kv_cache import PagedKVCache
+from runtime.kv_budget import default_kv_cache_tokens
+from runtime.placement import parse_device, split_layers
+from runtime.sampler import SamplingParams
+from utils.checkpoint import load_native
+from utils.tokenizer import Tokenizer
+
+BLOCK_SIZE = 16
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+          "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16}
+_said_cpu_fallback = False
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ValueError(f"unsupported dtype {dtype!r}; use float32, float16 or bfloat16")
+
+
+def _pick_device(device: str | None) -> torch.device:
+    global _said_cpu_fallback
+    if device is not None:
+        return parse_device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    if not _said_cpu_fallback:
+        print("llama-triton: no CUDA device found; running the PyTorch fallback on the CPU",
+              file=sys.stderr)
+        _said_cpu_fallback = True
+    return torch.device("cpu")
+
+
+class LlamaGenerator:
+    def __init__(self, path: str | None = None, fmt: str = "triton", device: str | None = None,
+                 dtype: str | torch.dtype | None = None, devices: list[str] | None = None,
+                 kv_cache_tokens: int | None = None, split: list[int] | None = None):
+        model_dir = resolve_model_dir(path, fmt)
+        if devices:
+            placed = [parse_device(d) for d in devices]
+        else:
+            placed = [_pick_device(device)]
+        config, state_dict = load_native(model_dir)
+        if dtype is None:
+            dtype = config.torch_dtype if placed[0].type == "cuda" else "float32"
+        self.dtype = parse_dtype(dtype)
+        self.config = config
+        self.model_dir = model_dir
+        self.tokenizer = Tokenizer.from_dir(model_dir, config)
+        layer_devices = split_layers(config.num_hidden_layers, placed, split)
+        self.model = LlamaModel(config, state_dict, layer_devices, self.dtype)
+        del state_dict
+        tokens = kv_cache_tokens or default_kv_cache_tokens(config, self.dtype, layer_devices)
+        if tokens < 1:
+            raise ValueError(f"kv_cache_tokens must be >= 1, got {kv_cache_tokens}")
+        self.cache = PagedKVCache(-(-tokens // BLOCK_SIZE), BLOCK_SIZE, config.num_key_value_heads,
+                                  config.head_dim, self.dtype, layer_devices)
+        self.engine = Engine(self.model, self.cache, self.tokenizer.eos_ids)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.first_device
+
+    # ---- text in, text out ---------------------------------------------------------------
+    def generate(self, prompt: str | list[str], max_new_tokens: int = 16, **sampling) -> str | list[str]:
+        """Completion text for one prompt, or a list of completions for a list of prompts."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        params = SamplingParams(max_new_tokens=max_new_tokens, **sampling)
+        seqs = [self.engine.new_sequence(self.tokenizer.encode(p), params) for p in prompts]
+        texts = self._run_text(seqs)
+        return texts[0] if isinstance(prompt, str) else texts
+
+    def stream(self, prompt: str, max_new_tokens: int = 16, **sampling) -> Iterator[str]:
+        """Yield the completion of one prompt piece by piece as tokens arrive."""
+        params = SamplingParams(max_new_tokens=max_new_tokens, **sampling)
+        seq = self.engine.new_sequence(self.tokenizer.encode(prompt), params)
+        yield from self._stream_seq(seq)
+
+    def _run_text(self, seqs: list[Sequence]) -> list[str]:
+        decoders = [self.tokenizer.stream_decoder() for _ in seqs]
+        filters = [StopTextFilter(s.params.stop) for s in seqs]
+        texts = [""] * len(seqs)
+        index = {id(s): i for i, s in enumerate(seqs)}
+        for step in self.engine.generate(seqs):
+            for seq, token in step:
+                i = index[id(seq)]
+                texts[i] += self._emit(seq, token, decoders[i], filters[i])
+        for i in range(len(seqs)):
+            texts[i] += filters[i].push(decoders[i].flush()) + filters[i].flush()
+        return texts
+
+    def _stream_seq(self, seq: Sequence) -> Iterator[str]:
+        decoder, stop_filter = self.tokenizer.stream_decoder(), StopTextFilter(seq.params.stop)
+        for step in self.engine.generate([seq]):
+            for _, token in step:
+                piece = self._emit(seq, token, decoder, stop_filter)
+                if piece:
+                    yield piece
+        tail = stop_filter.push(decoder.flush()) + stop_filter.flush()
+        if tail:
+            yield tail
+
+    def _emit(self, seq, token, decoder, stop_filter) -> str:
+        if token in self.tokenizer.eos_ids:
+            return ""
+        shown = stop_filter.push(decoder.push(token))
+        if stop_filter.stopped:
+            self.engine.finish(seq, "stop")
+        return shown
+
+    # ---- token ids ---------------------------------------------------------------------
+    def generate_ids(self, prompt_ids: list[int], max_new_tokens: int = 16, **sampling) -> list[int]:
+        """The new token ids (EOS included when it ends the generation)."""
+        params = SamplingParams(max_new_tokens=max_new_tokens, **sampling)
+        seq = self.engine.new_sequence(list(prompt_ids), params)
+        for _ in self.engine.generate([seq]):
+            pass
+        return seq.output_ids
+
+    @torch.inference_mode()
+    def logits(self, token_ids: list[int]) -> torch.Tensor:
+        """Prefill logits of every position, float32 [n, vocab] on the CPU."""
+        return self.engine.prefill_logits(list(token_ids)).cpu()

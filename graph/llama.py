@@ -1,0 +1,113 @@
+"""The Llama model: embedding -> blocks (attention + SwiGLU MLP) -> norm -> head.
+
+Weights use the native fused names (see utils/checkpoint.py). Every op goes through kernels/,
+which runs Triton on CUDA tensors and the PyTorch reference elsewhere. The KV cache is passed in
+as tensors (one K and one V pool per layer), so this module knows nothing of how pages are managed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from graph.config import LlamaConfig
+from kernels.attention import paged_attention
+from kernels.linear import linear
+from kernels.rmsnorm import rmsnorm
+from kernels.rotary import rope_tables, rotary_cache_write
+from kernels.silu_mul import silu_mul
+
+
+@dataclass
+class BatchMeta:
+    """Where each token of a flattened batch sits: its position, its cache slot, its sequence."""
+    positions: torch.Tensor          # int64 [T]
+    slot_mapping: torch.Tensor       # int64 [T]: block * block_size + row
+    block_tables: torch.Tensor       # int32 [B, max_blocks]
+    seq_lens: torch.Tensor           # int32 [B]: KV length after this step
+    query_start_loc: torch.Tensor    # int32 [B + 1]
+    max_query_len: int
+    max_seq_len: int
+
+    def to(self, device: torch.device) -> "BatchMeta":
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name, value in moved.items():
+            if isinstance(value, torch.Tensor):
+                moved[name] = value.to(device, non_blocking=True)
+        return BatchMeta(**moved)
+
+
+class LlamaModel:
+    def __init__(self, config: LlamaConfig, state_dict: dict[str, torch.Tensor],
+                 layer_devices: list[torch.device], dtype: torch.dtype):
+        if len(layer_devices) != config.num_hidden_layers:
+            raise ValueError("one device per layer is needed")
+        self.config = config
+        self.dtype = dtype
+        self.layer_devices = [torch.device(d) for d in layer_devices]
+        self.first_device = self.layer_devices[0]
+        self.last_device = self.layer_devices[-1]
+        self.scale = config.head_dim ** -0.5
+        self.layers = [self._layer_weights(state_dict, i) for i in range(config.num_hidden_layers)]
+        self.embed = self._take(state_dict, "tok_embeddings.weight", self.first_device)
+        self.norm = self._take(state_dict, "norm.weight", self.last_device)
+        head_name = "tok_embeddings.weight" if config.tie_word_embeddings else "output.weight"
+        self.head = self._take(state_dict, head_name, self.last_device)
+        self.rope = {}
+        for device in dict.fromkeys(self.layer_devices):
+            self.rope[device] = rope_tables(config.head_dim, config.max_position_embeddings,
+                                            config.rope_theta, config.rope_scaling, device)
+
+    def _take(self, state_dict, name, device):
+        return state_dict[name].to(device=device, dtype=self.dtype).contiguous()
+
+    def _layer_weights(self, state_dict, i):
+        device = self.layer_devices[i]
+        names = ("attention_norm", "attention.wqkv", "attention.wo", "ffn_norm",
+                 "feed_forward.w13", "feed_forward.w2")
+        return {n: self._take(state_dict, f"layers.{i}.{n}.weight", device) for n in names}
+
+    @property
+    def devices(self) -> list[torch.device]:
+        return list(dict.fromkeys(self.layer_devices))
+
+    def forward(self, input_ids: torch.Tensor, meta: BatchMeta,
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Run the flattened batch; returns the final-normed hidden states [T, hidden]."""
+        metas = {self.first_device: meta}
+        hidden = self.embed[input_ids.to(self.first_device)]
+        residual = None
+        for i, weights in enumerate(self.layers):
+            device = self.layer_devices[i]
+            if hidden.device != device:
+                hidden, residual = hidden.to(device), residual.to(device)
+            if device not in metas:
+                metas[device] = meta.to(device)
+            hidden, residual = self._block(weights, hidden, residual, metas[device], kv_caches[i])
+        if hidden.device != self.last_device:
+            hidden, residual = hidden.to(self.last_device), residual.to(self.last_device)
+        hidden, _ = rmsnorm(hidden, self.norm, self.config.rms_norm_eps, residual)
+        return hidden
+
+    def _block(self, w, hidden, residual, meta, kv_cache):
+        c = self.config
+        x, residual = rmsnorm(hidden, w["attention_norm"], c.rms_norm_eps, residual)
+        qkv = linear(x, w["attention.wqkv"])
+        tokens = qkv.shape[0]
+        q = qkv[:, :c.q_size].view(tokens, c.num_attention_heads, c.head_dim)
+        k = qkv[:, c.q_size:c.q_size + c.kv_size].view(tokens, c.num_key_value_heads, c.head_dim)
+        v = qkv[:, c.q_size + c.kv_size:].view(tokens, c.num_key_value_heads, c.head_dim)
+        cos, sin = self.rope[x.device]
+        k_cache, v_cache = kv_cache
+        rotary_cache_write(q, k, v, meta.positions, cos, sin, k_cache, v_cache, meta.slot_mapping)
+        attn = paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
+                               meta.query_start_loc, meta.max_query_len, self.scale,
+                               meta.max_seq_len)
+        hidden = linear(attn.reshape(tokens, c.q_size), w["attention.wo"])
+        x, residual = rmsnorm(hidden, w["ffn_norm"], c.rms_norm_eps, residual)
+        hidden = linear(silu_mul(linear(x, w["feed_forward.w13"])), w["feed_forward.w2"])
+        return hidden, residual
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Head projection of the given rows, as float32 [rows, vocab]."""
+        return linear(hidden, self.head).float()

@@ -1,0 +1,129 @@
+"""Running the model over batches of sequences on the paged cache.
+
+One step is one forward over a flattened batch: every sequence contributes its new tokens (the
+whole prompt at prefill, one token at decode) and reads its own history through its block table.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from graph.llama import BatchMeta, LlamaModel
+from runtime.kv_cache import PagedKVCache, SequenceBlocks
+from runtime.sampler import SamplingParams, sample
+
+
+class PromptTooLongError(ValueError):
+    """A prompt that does not fit the model's context."""
+
+
+@dataclass
+class Sequence:
+    prompt_ids: list[int]
+    params: SamplingParams
+    output_ids: list[int] = field(default_factory=list)
+    blocks: SequenceBlocks = field(default_factory=SequenceBlocks)
+    generator: torch.Generator | None = None
+    finish_reason: str | None = None   # "stop" (EOS or stop string) or "length"
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+
+class Engine:
+    def __init__(self, model: LlamaModel, cache: PagedKVCache, eos_ids: list[int]):
+        self.model = model
+        self.cache = cache
+        self.eos_ids = set(eos_ids)
+        self.context = model.config.max_position_embeddings
+
+    # ---- one forward over a batch -------------------------------------------------------
+    def forward(self, seqs: list[Sequence], new_tokens: list[list[int]],
+                all_logits: bool = False) -> torch.Tensor:
+        """Append new_tokens[i] to seqs[i], run them, and return float32 logits: the last row of
+        each sequence [B, vocab], or every row [T, vocab] when all_logits."""
+        device = self.model.first_device
+        ids, positions, slots, starts, lens = [], [], [], [0], []
+        for seq, tokens in zip(seqs, new_tokens):
+            first = seq.blocks.num_tokens
+            slots += self.cache.reserve(seq.blocks, len(tokens))
+            ids += tokens
+            positions += range(first, first + len(tokens))
+            starts.append(starts[-1] + len(tokens))
+            lens.append(seq.blocks.num_tokens)
+        width = max(len(s.blocks.blocks) for s in seqs)
+        tables = [s.blocks.blocks + [0] * (width - len(s.blocks.blocks)) for s in seqs]
+        meta = BatchMeta(
+            positions=torch.tensor(positions, dtype=torch.int64, device=device),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+            block_tables=torch.tensor(tables, dtype=torch.int32, device=device),
+            seq_lens=torch.tensor(lens, dtype=torch.int32, device=device),
+            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+            max_query_len=max(len(t) for t in new_tokens),
+            max_seq_len=max(lens))
+        input_ids = torch.tensor(ids, dtype=torch.int64, device=device)
+        hidden = self.model.forward(input_ids, meta, self.cache.layers)
+        if not all_logits:
+            last_rows = torch.tensor(starts[1:], device=hidden.device) - 1
+            hidden = hidden[last_rows]
+        return self.model.logits(hidden)
+
+    # ---- generation --------------------------------------------------------------------
+    def check_prompt(self, prompt_ids: list[int]) -> None:
+        if not prompt_ids:
+            raise PromptTooLongError("the prompt is empty: at least one token is needed")
+        if len(prompt_ids) >= self.context:
+            raise PromptTooLongError(
+                f"the prompt has {len(prompt_ids)} tokens; the model's context is {self.context}")
+
+    def new_sequence(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
+        self.check_prompt(prompt_ids)
+        return Sequence(list(prompt_ids), params,
+                        generator=params.make_generator(self.model.last_device))
+
+    def generate(self, seqs: list[Sequence]) -> Iterator[list[tuple[Sequence, int]]]:
+        """Prefill all prompts in one step, then decode them together. Yields each step's new
+        (sequence, token) pairs; the caller may finish a sequence (stop string) between steps."""
+        try:
+            step_seqs, step_tokens = seqs, [s.prompt_ids for s in seqs]
+            while step_seqs:
+                logits = self.forward(step_seqs, step_tokens)
+                chosen = sample(logits, [s.params for s in step_seqs],
+                                [s.all_ids for s in step_seqs],
+                                [s.generator for s in step_seqs]).tolist()
+                yield [self._append(seq, token) for seq, token in zip(step_seqs, chosen)]
+                step_seqs = [s for s in step_seqs if not s.finished]
+                step_tokens = [[s.output_ids[-1]] for s in step_seqs]
+        finally:
+            for seq in seqs:
+                self.finish(seq, seq.finish_reason or "abort")
+
+    def _append(self, seq: Sequence, token: int) -> tuple[Sequence, int]:
+        seq.output_ids.append(token)
+        if token in self.eos_ids:
+            self.finish(seq, "stop")
+        elif (len(seq.output_ids) >= seq.params.max_new_tokens
+              or seq.blocks.num_tokens + 1 >= self.context):
+            self.finish(seq, "length")
+        return seq, token
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Mark seq done and give its blocks back to the cache."""
+        if seq.finish_reason is None:
+            seq.finish_reason = reason
+        self.cache.release(seq.blocks)
+
+    def prefill_logits(self, token_ids: list[int]) -> torch.Tensor:
+        """Logits of every position of one prompt, float32 [n, vocab]."""
+        seq = self.new_sequence(token_ids, SamplingParams())
+        try:
+            return self.forward([seq], [seq.prompt_ids], all_logits=True)
+        finally:
+            self.cache.release(seq.blocks)
