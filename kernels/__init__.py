@@ -1,11 +1,3 @@
-"""Ops of the model: each runs a Triton kernel on CUDA and its PyTorch reference elsewhere."""
-from .argmax import argmax
-from .attention import paged_attention
-from .dispatch import use_triton
-from .linear import linear
-from .rmsnorm import rmsnorm
-from .rotary import rope_tables, rotary_cache_write
-from .silu_mul import silu_mul
-
-__all__ = ["argmax", "linear", "paged_attention", "rmsnorm", "rope_tables",
-           "rotary_cache_write", "silu_mul", "use_triton"]
+"""Ops of the model, one module each (kernels.rmsnorm, kernels.rotary, kernels.linear,
+kernels.silu_mul, kernels.attention, kernels.argmax): each runs a Triton kernel on CUDA and its
+PyTorch reference elsewhere; kernels.dispatch decides. Import the functions from their modules."""

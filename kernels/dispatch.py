@@ -1,4 +1,5 @@
-"""The one place that decides whether an op runs as a Triton kernel or as its PyTorch reference."""
+"""The one place that decides whether an op runs as a Triton kernel or as its PyTorch reference,
+and the helpers every launcher shares."""
 import os
 
 import torch
@@ -11,5 +12,22 @@ def use_triton(t: torch.Tensor) -> bool:
 
 
 def interpreting() -> bool:
-    """Under TRITON_INTERPRET=1 autotune cannot benchmark (no driver): offer one config."""
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def tune(configs, interpreter_config=None):
+    """Autotune candidates; the interpreter has no driver to benchmark on, so it gets one."""
+    if interpreting():
+        return [interpreter_config or configs[0]]
+    return configs
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    # fp32 runs must match the CPU reference (greedy tokens equal): no TF32 rounding of operands.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def sm_count(device) -> int:
+    if device.type != "cuda":
+        return 4  # interpreter: small, so tests still exercise several splits
+    return torch.cuda.get_device_properties(device).multi_processor_count
