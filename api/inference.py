@@ -9,7 +9,7 @@ import torch
 from api.model_source import resolve_model_dir
 from api.stop_text import StopTextFilter
 from graph.llama import LlamaModel
-from runtime.engine import Engine, Sequence
+from runtime.engine import Engine, Sequence, make_decode_graphs
 from runtime.kv_cache import PagedKVCache
 from runtime.kv_budget import default_kv_cache_tokens
 from runtime.placement import parse_device, split_layers
@@ -48,7 +48,8 @@ def _pick_device(device: str | None) -> torch.device:
 class LlamaGenerator:
     def __init__(self, path: str | None = None, fmt: str = "triton", device: str | None = None,
                  dtype: str | torch.dtype | None = None, devices: list[str] | None = None,
-                 kv_cache_tokens: int | None = None, split: list[int] | None = None):
+                 kv_cache_tokens: int | None = None, split: list[int] | None = None,
+                 cuda_graphs: bool = True):
         model_dir = resolve_model_dir(path, fmt)
         if devices:
             placed = [parse_device(d) for d in devices]
@@ -69,7 +70,8 @@ class LlamaGenerator:
             raise ValueError(f"kv_cache_tokens must be >= 1, got {kv_cache_tokens}")
         self.cache = PagedKVCache(-(-tokens // BLOCK_SIZE), BLOCK_SIZE, config.num_key_value_heads,
                                   config.head_dim, self.dtype, layer_devices)
-        self.engine = Engine(self.model, self.cache, self.tokenizer.eos_ids)
+        graphs = make_decode_graphs(self.model, self.cache) if cuda_graphs else None
+        self.engine = Engine(self.model, self.cache, self.tokenizer.eos_ids, graphs)
 
     @property
     def device(self) -> torch.device:

@@ -11,8 +11,18 @@ from dataclasses import dataclass, field
 import torch
 
 from graph.llama import BatchMeta, LlamaModel
+from kernels.dispatch import use_triton
 from runtime.kv_cache import PagedKVCache, SequenceBlocks
-from runtime.sampler import SamplingParams, sample
+from runtime.sampler import SamplingParams, all_plain_greedy, sample
+
+
+def make_decode_graphs(model: LlamaModel, cache: PagedKVCache) -> "DecodeGraphs | None":
+    """CUDA graphs for decode when the whole model sits on one GPU and runs Triton kernels."""
+    devices = model.devices
+    if len(devices) != 1 or not use_triton(torch.empty(0, device=devices[0])):
+        return None
+    from runtime.cuda_graphs import DecodeGraphs
+    return DecodeGraphs(model, cache)
 
 
 class PromptTooLongError(ValueError):
@@ -38,18 +48,28 @@ class Sequence:
 
 
 class Engine:
-    def __init__(self, model: LlamaModel, cache: PagedKVCache, eos_ids: list[int]):
+    def __init__(self, model: LlamaModel, cache: PagedKVCache, eos_ids: list[int],
+                 graphs: "DecodeGraphs | None" = None):
         self.model = model
         self.cache = cache
+        self.graphs = graphs
         self.eos_ids = set(eos_ids)
         self.context = model.config.max_position_embeddings
 
     # ---- one forward over a batch -------------------------------------------------------
     def forward(self, seqs: list[Sequence], new_tokens: list[list[int]],
-                all_logits: bool = False) -> torch.Tensor:
-        """Append new_tokens[i] to seqs[i], run them, and return float32 logits: the last row of
-        each sequence [B, vocab], or every row [T, vocab] when all_logits."""
-        device = self.model.first_device
+                all_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Append new_tokens[i] to seqs[i] and run them. Returns float32 logits (the last row of
+        each sequence [B, vocab], or every row [T, vocab] when all_logits) and, when the step ran
+        as a CUDA graph, its greedy tokens [B] (else None)."""
+        batch = self._gather(seqs, new_tokens)
+        if self.graphs is not None and not all_logits and batch["max_query_len"] == 1 \
+                and self.graphs.bucket_for(len(seqs)) is not None:
+            return self.graphs.run(batch["ids"], batch["positions"], batch["slots"],
+                                   batch["lens"], [s.blocks.blocks for s in seqs])
+        return self._forward_eager(seqs, batch, all_logits), None
+
+    def _gather(self, seqs, new_tokens) -> dict:
         ids, positions, slots, starts, lens = [], [], [], [0], []
         for seq, tokens in zip(seqs, new_tokens):
             first = seq.blocks.num_tokens
@@ -58,20 +78,25 @@ class Engine:
             positions += range(first, first + len(tokens))
             starts.append(starts[-1] + len(tokens))
             lens.append(seq.blocks.num_tokens)
+        return dict(ids=ids, positions=positions, slots=slots, starts=starts, lens=lens,
+                    max_query_len=max(len(t) for t in new_tokens))
+
+    def _forward_eager(self, seqs, batch, all_logits) -> torch.Tensor:
+        device = self.model.first_device
         width = max(len(s.blocks.blocks) for s in seqs)
         tables = [s.blocks.blocks + [0] * (width - len(s.blocks.blocks)) for s in seqs]
         meta = BatchMeta(
-            positions=torch.tensor(positions, dtype=torch.int64, device=device),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+            positions=torch.tensor(batch["positions"], dtype=torch.int64, device=device),
+            slot_mapping=torch.tensor(batch["slots"], dtype=torch.int64, device=device),
             block_tables=torch.tensor(tables, dtype=torch.int32, device=device),
-            seq_lens=torch.tensor(lens, dtype=torch.int32, device=device),
-            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
-            max_query_len=max(len(t) for t in new_tokens),
-            max_seq_len=max(lens))
-        input_ids = torch.tensor(ids, dtype=torch.int64, device=device)
+            seq_lens=torch.tensor(batch["lens"], dtype=torch.int32, device=device),
+            query_start_loc=torch.tensor(batch["starts"], dtype=torch.int32, device=device),
+            max_query_len=batch["max_query_len"],
+            max_seq_len=max(batch["lens"]))
+        input_ids = torch.tensor(batch["ids"], dtype=torch.int64, device=device)
         hidden = self.model.forward(input_ids, meta, self.cache.layers)
         if not all_logits:
-            last_rows = torch.tensor(starts[1:], device=hidden.device) - 1
+            last_rows = torch.tensor(batch["starts"][1:], device=hidden.device) - 1
             hidden = hidden[last_rows]
         return self.model.logits(hidden)
 
@@ -94,10 +119,12 @@ class Engine:
         try:
             step_seqs, step_tokens = seqs, [s.prompt_ids for s in seqs]
             while step_seqs:
-                logits = self.forward(step_seqs, step_tokens)
-                chosen = sample(logits, [s.params for s in step_seqs],
-                                [s.all_ids for s in step_seqs],
-                                [s.generator for s in step_seqs]).tolist()
+                logits, greedy = self.forward(step_seqs, step_tokens)
+                params = [s.params for s in step_seqs]
+                if greedy is None or not all_plain_greedy(params):
+                    greedy = sample(logits, params, [s.all_ids for s in step_seqs],
+                                    [s.generator for s in step_seqs])
+                chosen = greedy.tolist()
                 yield [self._append(seq, token) for seq, token in zip(step_seqs, chosen)]
                 step_seqs = [s for s in step_seqs if not s.finished]
                 step_tokens = [[s.output_ids[-1]] for s in step_seqs]
@@ -124,6 +151,6 @@ class Engine:
         """Logits of every position of one prompt, float32 [n, vocab]."""
         seq = self.new_sequence(token_ids, SamplingParams())
         try:
-            return self.forward([seq], [seq.prompt_ids], all_logits=True)
+            return self.forward([seq], [seq.prompt_ids], all_logits=True)[0]
         finally:
             self.cache.release(seq.blocks)

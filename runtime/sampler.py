@@ -81,10 +81,14 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return logits
 
 
+def all_plain_greedy(params: list[SamplingParams]) -> bool:
+    return all(p.greedy and p.repetition_penalty == 1.0 for p in params)
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams], histories: list[list[int]],
            generators: list[torch.Generator | None]) -> torch.Tensor:
     """One token per row of logits [B, vocab] (float32); returns int64 [B] on the logits' device."""
-    if all(p.greedy and p.repetition_penalty == 1.0 for p in params):
+    if all_plain_greedy(params):
         return argmax(logits)
     chosen = []
     for row, p, history, generator in zip(logits, params, histories, generators):
