@@ -1,0 +1,72 @@
+"""This engine's figures on a random-weight model: decode, prefill, peak memory."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from bench.random_model import random_state_dict
+from bench.timing import sync, timed
+from graph.llama import LlamaModel
+from runtime.engine import Engine, make_decode_graphs
+from runtime.kv_budget import default_kv_cache_tokens
+from runtime.kv_cache import PagedKVCache
+from runtime.sampler import SamplingParams
+
+BLOCK_SIZE = 16
+
+
+def build_engine(config, device, cuda_graphs=True, dtype=torch.bfloat16):
+    layer_devices = [torch.device(device)] * config.num_hidden_layers
+    model = LlamaModel(config, random_state_dict(config, device, dtype), layer_devices, dtype)
+    tokens = default_kv_cache_tokens(config, dtype, layer_devices)
+    cache = PagedKVCache(-(-tokens // BLOCK_SIZE), BLOCK_SIZE, config.num_key_value_heads,
+                         config.head_dim, dtype, layer_devices)
+    graphs = make_decode_graphs(model, cache) if cuda_graphs else None
+    return Engine(model, cache, eos_ids=[], graphs=graphs)
+
+
+def decode_tokens_per_s(engine, prompt_len=16, new_tokens=128, batch=1, seed=0) -> float:
+    """Decode steps per second after the prefill (the first token comes from prefill)."""
+    vocab = engine.model.config.vocab_size
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(0, vocab, (prompt_len,), generator=g).tolist() for _ in range(batch)]
+    seqs = [engine.new_sequence(p, SamplingParams(max_new_tokens=new_tokens)) for p in prompts]
+    steps = engine.generate(seqs)
+    next(steps)
+    sync(engine.model.first_device)
+    start = time.perf_counter()
+    count = sum(1 for _ in steps)
+    sync(engine.model.first_device)
+    return count * batch / (time.perf_counter() - start)
+
+
+def prefill_tokens_per_s(engine, prompt_len=512, repeat=5) -> float:
+    vocab = engine.model.config.vocab_size
+    prompt = torch.randint(0, vocab, (prompt_len,)).tolist()
+
+    def once():
+        seq = engine.new_sequence(prompt, SamplingParams(max_new_tokens=1))
+        for _ in engine.generate([seq]):
+            pass
+
+    once()
+    return prompt_len / timed(once, engine.model.first_device, repeat)
+
+
+@torch.inference_mode()
+def measure(config, device, cuda_graphs=True) -> dict:
+    torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    engine = build_engine(config, device, cuda_graphs)
+    sync(device)
+    build_s = time.perf_counter() - start
+    decode_tokens_per_s(engine, new_tokens=8)  # warm-up: autotune, compile, graph capture
+    result = {"build_s": build_s,
+              "decode": decode_tokens_per_s(engine),
+              "prefill": prefill_tokens_per_s(engine),
+              "peak_gb": torch.cuda.max_memory_allocated(device) / 1e9,
+              "kv_tokens": engine.cache.capacity_tokens}
+    del engine
+    torch.cuda.empty_cache()
+    return result
