@@ -117,7 +117,7 @@ class LlamaConfig:
             if key not in hf:
                 raise ConfigError(f"config.json is missing key '{key}'")
         heads = hf["num_attention_heads"]
-        head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+        head_dim = hf.get("head_dim") or _implied_head_dim(hf["hidden_size"], heads)
         rope_theta, rope_scaling = _hf_rope(hf)
         return cls(
             vocab_size=hf["vocab_size"],
@@ -155,6 +155,17 @@ def _hf_rope(hf: dict) -> tuple[float, dict | None]:
         rope_type = scaling.get("rope_type", scaling.get("type", "default"))
         scaling = None if rope_type == "default" else {**scaling, "rope_type": rope_type}
     return float(theta), scaling
+
+
+def _implied_head_dim(hidden: int, heads: int) -> int:
+    for key, value in (("hidden_size", hidden), ("num_attention_heads", heads)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"config key '{key}' must be a positive integer, got {value!r}")
+    # flooring would silently build a model of the wrong width
+    if hidden % heads:
+        raise ConfigError(f"config key 'head_dim' is needed: 'hidden_size' ({hidden!r}) is not a "
+                          f"multiple of 'num_attention_heads' ({heads!r})")
+    return hidden // heads
 
 
 def _hf_dtype(hf: dict) -> str:

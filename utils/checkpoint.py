@@ -18,7 +18,6 @@ import json
 import os
 import pickle
 import tempfile
-import zipfile
 from contextlib import contextmanager
 
 import torch
@@ -99,13 +98,25 @@ def load_torch_file(path: str) -> dict[str, torch.Tensor]:
                 raise
             # legacy (non-zip) pickles cannot be memory-mapped
             data = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError,
-            ValueError) as e:
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"cannot read {path}: not a plain weights file, refused by the "
+                              f"weights-only loader ({_unpickler_reason(e)})") from e
+    except MemoryError:
+        raise
+    except Exception as e:  # garbage bytes reach the unpickler as IndexError, KeyError, ...
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"cannot read {path}: truncated or corrupt ({first_line})") from e
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise CheckpointError(f"{path} does not hold a dict of tensors")
     return data
+
+
+def _unpickler_reason(e: Exception) -> str:
+    """torch's weights-only refusal opens with advice to load unsafely; keep only the reason."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    reasons = [ln for ln in lines if not ln.startswith(boilerplate)]
+    return reasons[0] if reasons else type(e).__name__
 
 
 @contextmanager

@@ -1,0 +1,1 @@
+"""Shared test utilities (tiny random checkpoints and tokenizers); no tests live here."""
