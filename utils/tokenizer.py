@@ -42,6 +42,9 @@ class _HFBackend:
     def token_to_id(self, piece: str) -> int | None:
         return self.tok.token_to_id(piece)
 
+    def id_to_token(self, token_id: int) -> str | None:
+        return self.tok.id_to_token(token_id)
+
     def post_processor_adds(self, token_id: int) -> bool:
         with_special = self.tok.encode("a", add_special_tokens=True).ids
         return bool(with_special) and with_special[0] == token_id
@@ -75,6 +78,9 @@ class _SPBackend:
     def token_to_id(self, piece: str) -> int | None:
         i = self.sp.piece_to_id(piece)
         return i if self.sp.id_to_piece(i) == piece else None
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self.sp.id_to_piece(token_id) if 0 <= token_id < self.vocab_size else None
 
     def post_processor_adds(self, token_id: int) -> bool:
         return False
@@ -137,6 +143,10 @@ class Tokenizer:
 
     def token_to_id(self, piece: str) -> int | None:
         return self._backend.token_to_id(piece)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        """The vocabulary entry (e.g. '<|im_end|>', 'ĠParis'), not decoded text."""
+        return self._backend.id_to_token(int(token_id))
 
     @property
     def vocab_size(self) -> int:
