@@ -4,6 +4,8 @@ Sequence b owns query rows query_start_loc[b]:query_start_loc[b+1]; its KV lengt
 already counts this step's tokens, so query row i of n sits at position seq_lens[b] - n + i."""
 import torch
 
+from .attention_decode import paged_decode_triton
+from .attention_prefill import paged_prefill_triton
 from .dispatch import use_triton
 
 
@@ -15,16 +17,17 @@ def _gather_kv(cache, table, length):
 
 def paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
                         max_query_len, scale, max_seq_len=None):
-    out = torch.empty_like(q)
+    out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     group = q.shape[1] // k_cache.shape[2]
+    acc = torch.promote_types(q.dtype, torch.float32)  # softmax in fp32 (fp64 when checking)
     starts = query_start_loc.tolist()
     for b, length in enumerate(seq_lens.tolist()):
         lo, hi = starts[b], starts[b + 1]
         if hi == lo:
             continue
-        k = _gather_kv(k_cache, block_tables[b], length).float().repeat_interleave(group, dim=1)
-        v = _gather_kv(v_cache, block_tables[b], length).float().repeat_interleave(group, dim=1)
-        qb = q[lo:hi].float()
+        k = _gather_kv(k_cache, block_tables[b], length).to(acc).repeat_interleave(group, dim=1)
+        v = _gather_kv(v_cache, block_tables[b], length).to(acc).repeat_interleave(group, dim=1)
+        qb = q[lo:hi].to(acc)
         scores = torch.einsum("qhd,khd->hqk", qb, k) * scale
         q_pos = torch.arange(length - (hi - lo), length, device=q.device)
         k_pos = torch.arange(length, device=q.device)
@@ -36,8 +39,15 @@ def paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start
 
 def paged_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
                            max_query_len, scale, max_seq_len=None):
-    return paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
-                               max_query_len, scale, max_seq_len)
+    for t in (q, k_cache, v_cache):
+        assert t.stride(-1) == 1, "paged_attention needs unit stride in the last dimension"
+    if q.shape[0] == 0:
+        return torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    if max_query_len == 1:
+        return paged_decode_triton(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
+                                   scale, max_seq_len)
+    return paged_prefill_triton(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
+                                max_query_len, scale)
 
 
 def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,

@@ -1,0 +1,89 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import TOL, rel_err
+from kernels.attention import paged_attention, paged_attention_ref, paged_attention_triton
+from kernels.attention_decode import paged_decode_triton
+
+
+def make_batch(seq_lens, q_lens, n_heads, n_kv, hd, block_size, dtype):
+    """Random paged cache with shuffled block tables, and q rows for each sequence's last
+    q_lens[b] positions (q_len < seq_len: a prompt extending a cached prefix)."""
+    B = len(seq_lens)
+    max_blocks = max(-(-n // block_size) for n in seq_lens) + 1
+    num_blocks = B * max_blocks + 2
+    k_cache = torch.randn(num_blocks, block_size, n_kv, hd, dtype=dtype)
+    v_cache = torch.randn(num_blocks, block_size, n_kv, hd, dtype=dtype)
+    block_tables = torch.randperm(num_blocks)[:B * max_blocks].view(B, max_blocks).to(torch.int32)
+    qsl = torch.tensor([0] + q_lens).cumsum(0).to(torch.int32)
+    # q is a strided view into a wider buffer, as the model slices it out of qkv
+    buf = torch.randn(int(qsl[-1]), n_heads + 2 * n_kv, hd, dtype=dtype)
+    q = buf[:, :n_heads]
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    return q, k_cache, v_cache, block_tables, lens, qsl
+
+
+def check(seq_lens, q_lens, n_heads, n_kv, hd, block_size, dtype, **kw):
+    q, kc, vc, bt, lens, qsl = make_batch(seq_lens, q_lens, n_heads, n_kv, hd, block_size, dtype)
+    scale = hd ** -0.5
+    args = (q, kc, vc, bt, lens, qsl, max(q_lens), scale)
+    if kw:
+        out = paged_decode_triton(q, kc, vc, bt, lens, qsl, scale, **kw)
+    else:
+        out = paged_attention_triton(*args)
+    ref = paged_attention_ref(*[a.double() if torch.is_tensor(a) and a.is_floating_point() else a
+                                for a in args])
+    assert out.dtype == dtype and out.shape == q.shape
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+# seq lens on and off the 16-row block boundary, length 1, and ragged
+DECODE_LENS = [[1, 16, 33], [47], [32, 5]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("n_heads,n_kv", [(2, 2), (8, 2), (8, 1)])  # GQA 1, 4, 8
+@pytest.mark.parametrize("hd", [64, 128])
+def test_decode_matches_ref(dtype, n_heads, n_kv, hd):
+    for lens in DECODE_LENS:
+        check(lens, [1] * len(lens), n_heads, n_kv, hd, 16, dtype)
+
+
+@pytest.mark.parametrize("splits", [1, 2, 5])
+@pytest.mark.parametrize("max_seq_len", [None, 48])
+def test_decode_split_counts(splits, max_seq_len):
+    # 5 splits of a 48-long range: chunks of 10, so splits end mid-block and some exit early
+    check([1, 16, 33, 48], [1, 1, 1, 1], 4, 1, 64, 8, torch.float32, num_splits=splits,
+          max_seq_len=max_seq_len)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("n_heads,n_kv", [(2, 2), (8, 2), (8, 1)])
+@pytest.mark.parametrize("hd", [64, 128])
+def test_prefill_matches_ref(dtype, n_heads, n_kv, hd):
+    # fresh prompt, prompt extending a cached prefix (on and off block boundaries), one decode row
+    check([20, 16 + 9, 7 + 18, 40], [20, 9, 18, 1], n_heads, n_kv, hd, 8, dtype)
+
+
+def test_prefill_multiple_query_tiles():
+    check([37, 50], [37, 21], 4, 2, 64, 16, torch.float16)  # > one 16-row tile per sequence
+
+
+def test_ref_matches_sdpa_on_contiguous_cache():
+    q, kc, vc, bt, lens, qsl = make_batch([13], [5], 4, 2, 16, 4, torch.float64)
+    out = paged_attention_ref(q, kc, vc, bt, lens, qsl, 5, 0.3)
+    k = kc[bt[0].long()].flatten(0, 1)[:13].repeat_interleave(2, 1).transpose(0, 1)
+    v = vc[bt[0].long()].flatten(0, 1)[:13].repeat_interleave(2, 1).transpose(0, 1)
+    mask = torch.ones(5, 13, dtype=torch.bool).tril(13 - 5)
+    want = F.scaled_dot_product_attention(q.transpose(0, 1), k, v, attn_mask=mask, scale=0.3)
+    torch.testing.assert_close(out, want.transpose(0, 1))
+
+
+def test_public_dispatch(monkeypatch):
+    import importlib
+    mod = importlib.import_module("kernels.attention")
+    monkeypatch.setattr(mod, "paged_attention_triton", lambda *a: pytest.fail("Triton on CPU"))
+    q, kc, vc, bt, lens, qsl = make_batch([9, 3], [1, 1], 4, 2, 16, 4, torch.float32)
+    out = paged_attention(q, kc, vc, bt, lens, qsl, 1, 0.25)
+    assert torch.equal(out, paged_attention_ref(q, kc, vc, bt, lens, qsl, 1, 0.25))
