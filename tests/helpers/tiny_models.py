@@ -35,7 +35,9 @@ def make_hf_llama(path, *, vocab: int = 320, hidden: int = 64, intermediate: int
     tokenizer=True adds tokenizer.json + tokenizer_config.json (BOS id 0, EOS id 1).
     """
     from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # "Writing model shards" would clutter captured stderr
     os.makedirs(path, exist_ok=True)
     config = LlamaConfig(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
