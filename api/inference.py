@@ -14,6 +14,7 @@ from runtime.kv_cache import PagedKVCache
 from runtime.kv_budget import default_kv_cache_tokens
 from runtime.placement import parse_device, split_layers
 from runtime.sampler import SamplingParams
+from utils.chat_template import end_of_turn_ids, render_for_tokenizer
 from utils.checkpoint import load_native
 from utils.tokenizer import Tokenizer
 
@@ -92,6 +93,19 @@ class LlamaGenerator:
         seq = self.engine.new_sequence(self.tokenizer.encode(prompt), params)
         yield from self._stream_seq(seq)
 
+    def chat(self, messages: list[dict], max_new_tokens: int = 256, **sampling) -> str:
+        """The assistant's reply to a conversation, rendered with the model's chat template."""
+        return "".join(self.chat_stream(messages, max_new_tokens, **sampling))
+
+    def chat_stream(self, messages: list[dict], max_new_tokens: int = 256,
+                    **sampling) -> Iterator[str]:
+        """chat(), piece by piece; stops at the template's end-of-turn token."""
+        text = render_for_tokenizer(self.tokenizer, messages)
+        params = SamplingParams(max_new_tokens=max_new_tokens, **sampling)
+        params.stop_token_ids = end_of_turn_ids(self.tokenizer)
+        seq = self.engine.new_sequence(self.tokenizer.encode(text, add_bos=False), params)
+        yield from self._stream_seq(seq)
+
     def _run_text(self, seqs: list[Sequence]) -> list[str]:
         decoders = [self.tokenizer.stream_decoder() for _ in seqs]
         filters = [StopTextFilter(s.params.stop) for s in seqs]
@@ -117,7 +131,7 @@ class LlamaGenerator:
             yield tail
 
     def _emit(self, seq, token, decoder, stop_filter) -> str:
-        if token in self.tokenizer.eos_ids:
+        if token in self.tokenizer.eos_ids or token in seq.params.stop_token_ids:
             return ""
         shown = stop_filter.push(decoder.push(token))
         if stop_filter.stopped:

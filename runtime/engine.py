@@ -134,7 +134,7 @@ class Engine:
 
     def _append(self, seq: Sequence, token: int) -> tuple[Sequence, int]:
         seq.output_ids.append(token)
-        if token in self.eos_ids:
+        if token in self.eos_ids or token in seq.params.stop_token_ids:
             self.finish(seq, "stop")
         elif (len(seq.output_ids) >= seq.params.max_new_tokens
               or seq.blocks.num_tokens + 1 >= self.context):

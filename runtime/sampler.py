@@ -19,6 +19,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)   # besides the model's EOS
 
     def __post_init__(self):
         if isinstance(self.stop, str):
