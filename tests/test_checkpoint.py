@@ -60,7 +60,7 @@ def test_save_refuses_wrong_shape_missing_and_extra(tmp_path):
 def test_load_shape_mismatch_names_the_tensor(tmp_path):
     config = tiny_config()
     save_native(str(tmp_path), config, random_state_dict(config))
-    config.save(str(tmp_path / "model.json"))  # now claim a wider FFN than the weights have
+    # claim a wider FFN than the weights have
     data = (tmp_path / "model.json").read_text().replace('"intermediate_size": 24', '"intermediate_size": 32')
     (tmp_path / "model.json").write_text(data)
     with pytest.raises(CheckpointError, match=r"'layers.0.feed_forward.w13.weight' has shape \(48, 16\).*\(64, 16\)"):
