@@ -147,7 +147,9 @@ def llama3_scaling_from_factors(factors: np.ndarray, theta: float, head_dim: int
     """Recover llama3 rope_scaling from the per-frequency divisors llama.cpp stores.
 
     Inside the ramp, smooth = old_ctx / (hi - lo) / wavelen - lo / (hi - lo) is a line in
-    1 / wavelen; only its slope and intercept are fixed, so lo is taken as Llama 3's 1.0.
+    1 / wavelen; only its slope and intercept are fixed, so lo is taken as Llama 3's 1.0 (and
+    hi as its 4.0 when a single point of the ramp is all there is). The result is checked
+    against the tensor, so a guess that does not reproduce it is refused, never used.
     """
     name = "rope_freqs.weight"
     if factors.shape != (head_dim // 2,):
@@ -156,18 +158,23 @@ def llama3_scaling_from_factors(factors: np.ndarray, theta: float, head_dim: int
         return None
     factor = float(factors.max())
     inner = (factors > 1 + 1e-6) & (factors < factor * (1 - 1e-6))
-    if inner.sum() < 2 or not np.isclose(factors.min(), 1.0):
-        raise GGUFError(f"GGUF tensor '{name}' is not a llama3 rope scaling this engine can "
-                        f"recover; not supported")
     smooth = (1 / factors[inner] - 1 / factor) / (1 - 1 / factor)
     inv_wavelen = (1.0 / theta ** (np.arange(0, head_dim, 2) / head_dim))[inner] / (2 * math.pi)
-    slope, intercept = np.polyfit(inv_wavelen, smooth, 1)
-    hi = 1.0 - 1.0 / intercept
-    old = slope * (hi - 1.0)
-    old = float(round(old)) if abs(old - round(old)) < 1e-3 * old else float(old)
-    scaling = {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0,
-               "high_freq_factor": float(round(hi, 6)),
-               "original_max_position_embeddings": int(old) if old.is_integer() else old}
+    lo = 1.0
+    if inner.sum() >= 2:
+        slope, intercept = np.polyfit(inv_wavelen, smooth, 1)
+        hi = lo - lo / intercept if intercept < 0 else float("nan")
+        old = slope * (hi - lo)
+    elif inner.sum() == 1:
+        hi = 4.0
+        old = float((smooth[0] * (hi - lo) + lo) / inv_wavelen[0])
+    else:
+        hi = old = float("nan")
+    if not (np.isfinite(hi) and np.isfinite(old) and hi > lo and old > 0):
+        raise GGUFError(f"GGUF tensor '{name}' does not follow llama3 rope scaling; not supported")
+    old = round(old) if abs(old - round(old)) < 1e-3 * old else float(old)
+    scaling = {"rope_type": "llama3", "factor": factor, "low_freq_factor": lo,
+               "high_freq_factor": float(round(hi, 6)), "original_max_position_embeddings": old}
     if not np.allclose(_llama3_factors(scaling, theta, head_dim), factors, rtol=1e-4):
         raise GGUFError(f"GGUF tensor '{name}' does not follow llama3 rope scaling; not supported")
     return scaling
