@@ -35,7 +35,7 @@ def main() -> None:
                         help="also time our decode without CUDA graphs (launch overhead)")
     parser.add_argument("--gemm", action="store_true", help="Triton GEMM against cuBLAS")
     args = parser.parse_args()
-    device = torch.device("cuda")
+    device = torch.device("cuda", torch.cuda.current_device())
     bandwidth = copy_bandwidth(device)
     print(f"# {datetime.date.today()} {torch.cuda.get_device_name(device)}, commit {_commit()}, "
           f"torch {torch.__version__}; copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)

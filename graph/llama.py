@@ -37,6 +37,13 @@ class BatchMeta:
         return BatchMeta(**moved)
 
 
+def _concrete(device: torch.device) -> torch.device:
+    """'cuda' -> 'cuda:N', so that devices compare equal to tensors' devices."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 class LlamaModel:
     def __init__(self, config: LlamaConfig, state_dict: dict[str, torch.Tensor],
                  layer_devices: list[torch.device], dtype: torch.dtype):
@@ -44,7 +51,7 @@ class LlamaModel:
             raise ValueError("one device per layer is needed")
         self.config = config
         self.dtype = dtype
-        self.layer_devices = [torch.device(d) for d in layer_devices]
+        self.layer_devices = [_concrete(torch.device(d)) for d in layer_devices]
         self.first_device = self.layer_devices[0]
         self.last_device = self.layer_devices[-1]
         self.scale = config.head_dim ** -0.5

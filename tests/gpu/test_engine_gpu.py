@@ -58,6 +58,27 @@ def test_graph_and_eager_decode_give_the_same_tokens(hf_and_dir):
         assert graphs.generate_ids(p, 32) == eager.generate_ids(p, 32)
 
 
+def test_batch_logits_match_alone(hf_and_dir):
+    """Prefill of ragged prompts together, then decode steps together, against each alone."""
+    from runtime.sampler import SamplingParams
+    _, model_dir = hf_and_dir
+    engine = LlamaGenerator(model_dir, device="cuda", dtype="float32").engine
+    prompts = [_ids(n, seed=n) for n in (3, 30, 9, 64)]
+
+    def run(batch):
+        seqs = [engine.new_sequence(p, SamplingParams()) for p in batch]
+        steps = [engine.forward(seqs, [p for p in batch])[0]]
+        for _ in range(3):
+            steps.append(engine.forward(seqs, [[7]] * len(seqs))[0])
+        for s in seqs:
+            engine.finish(s, "stop")
+        return torch.stack(steps, 1)  # [B, steps, vocab]
+
+    together = run(prompts)
+    alone = torch.cat([run([p]) for p in prompts])
+    assert _rel(together, alone) < 1e-5
+
+
 def test_batch_on_gpu_equals_alone(hf_and_dir):
     _, model_dir = hf_and_dir
     gen = LlamaGenerator(model_dir, device="cuda", dtype="float32")
