@@ -219,6 +219,56 @@ def test_unsupported_metadata_is_refused_by_name(hf, tmp_path, case):
     assert not os.path.exists(tmp_path / "out" / "model.json")
 
 
+def _pop(*keys):
+    def extra(w):
+        for key in keys:
+            w.kv_data[0].pop(key)
+    return extra
+
+
+def _both(*extras):
+    def extra(w):
+        for e in extras:
+            e(w)
+    return extra
+
+
+_YARN = lambda w: w.add_rope_scaling_type(__import__("gguf").RopeScalingType.YARN)  # noqa: E731
+BAD_FILES = {  # extra metadata, tensors, message
+    "per_layer_heads": (lambda w: w.add_head_count([4, 4]), None,
+                        "'llama.attention.head_count' varies per layer"),
+    "value_length": (lambda w: (w.add_key_length(16), w.add_value_length(8)), None,
+                     "'llama.attention.value_length' differs from the key length"),
+    "no_embedding": (None, {"token_embd.weight": None}, "has no 'token_embd.weight' tensor"),
+    "short_embedding": (None, {"token_embd.weight": np.ones((300, 64), np.float32)},
+                        "vocabulary has 320 tokens but 'token_embd.weight' has only 300 rows"),
+    "rope_freqs_and_yarn": (_YARN, {"rope_freqs.weight": np.ones(8, np.float32)},
+                            "both rope_freqs.weight and rope scaling 'yarn'"),
+    "rope_freqs_size": (None, {"rope_freqs.weight": np.full(3, 2.0, np.float32)},
+                        "'rope_freqs.weight' has 3 values; expected 8"),
+    "rope_freqs_step": (None, {"rope_freqs.weight": np.repeat([1.0, 8.0], 4).astype(np.float32)},
+                        "'rope_freqs.weight' does not follow llama3"),
+    "no_vocabulary": (_pop("tokenizer.ggml.tokens"), None,
+                      "GGUF file has no vocabulary \\(tokenizer.ggml.tokens\\)"),
+    "no_merges": (_pop("tokenizer.ggml.merges"), None,
+                  "gpt2 vocabulary has no merges \\(tokenizer.ggml.merges\\)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_unusable_files_are_refused_with_the_reason(hf, tmp_path, case):
+    extra, tensors, message = BAD_FILES[case]
+    path = write_gguf(tmp_path / "m.gguf", hf, extra=extra, tensors=tensors)
+    with pytest.raises((GGUFError, TokenizerError), match=message):
+        convert_gguf(path, str(tmp_path / "out"))
+
+
+def test_rope_freqs_of_ones_mean_no_scaling(hf, tmp_path):
+    path = write_gguf(tmp_path / "m.gguf", hf, tensors={"rope_freqs.weight": np.ones(8, np.float32)})
+    config, _ = load_native(convert_gguf(path, str(tmp_path / "out")))
+    assert config.rope_scaling is None
+
+
 def test_other_architecture_is_refused_by_name(hf, tmp_path):
     path = write_gguf(tmp_path / "m.gguf", hf, arch="qwen2")
     with pytest.raises(GGUFError, match="'general.architecture' = 'qwen2' is not supported"):
@@ -297,6 +347,21 @@ def test_gpt2_vocab_tokenizes_like_the_reference_bpe(hf, tmp_path, pre):
     assert tok.chat_template == template and tok.add_bos is False
     assert (tok.bos_id, tok.eos_ids) == (0, [1])
     assert tok.encode("x<s>y", add_bos=False)[1] == 0  # control tokens are matched whole
+    assert tok.vocab_size == hf.config.vocab_size
+
+
+def test_user_defined_tokens_are_matched_whole_and_kept_in_decode(hf, tmp_path):
+    vocab = vocab_metadata(hf.config.vocab_size)
+    types = vocab["types"][:-1] + [4]  # the last pad token becomes USER_DEFINED
+
+    def extra(w):
+        w.kv_data[0].pop("tokenizer.ggml.token_type")
+        w.add_token_types(types)
+    tok = Tokenizer.from_dir(convert_gguf(write_gguf(tmp_path / "m.gguf", hf, extra=extra),
+                                          str(tmp_path / "out")))
+    last = vocab["tokens"][-1]
+    ids = tok.encode(f"a{last}b", add_bos=False)
+    assert len(vocab["tokens"]) - 1 in ids and tok.decode(ids) == f"a{last}b"
 
 
 def test_llama_bpe_defaults_to_adding_bos(hf, tmp_path):

@@ -285,8 +285,8 @@ def convert_gguf(gguf_path: str, out_dir: str, dtype: str | None = "float32",
     show = progress == "always" or (progress is True and sys.stderr.isatty())
     bar = _Progress(len(tensors) - ("rope_freqs.weight" in tensors),
                     f"converting {os.path.basename(gguf_path)}") if show else None
+    write_tokenizer_files(meta, out_dir)  # first: a vocabulary problem shows before the slow part
     state = load_state_dict(tensors, config, DTYPES[dtype], bar)
-    write_tokenizer_files(meta, out_dir)
     st = os.stat(gguf_path)
     source = {"path": os.path.abspath(gguf_path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
     save_native(out_dir, config, state, extra_json={SOURCE_KEY: source})

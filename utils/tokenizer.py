@@ -82,9 +82,6 @@ class _SPBackend:
     def id_to_token(self, token_id: int) -> str | None:
         return self.sp.id_to_piece(token_id) if 0 <= token_id < self.vocab_size else None
 
-    def post_processor_adds(self, token_id: int) -> bool:
-        return False
-
     @property
     def vocab_size(self) -> int:
         return self.sp.get_piece_size()
