@@ -10,7 +10,6 @@ import zipfile
 import pytest
 
 from tests.helpers.reference_bpe import ReferenceBPE
-from utils import default_model
 from utils.default_model import MEMBER, DefaultModelError, default_gguf_path
 
 

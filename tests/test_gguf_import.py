@@ -226,13 +226,6 @@ def _pop(*keys):
     return extra
 
 
-def _both(*extras):
-    def extra(w):
-        for e in extras:
-            e(w)
-    return extra
-
-
 _YARN = lambda w: w.add_rope_scaling_type(__import__("gguf").RopeScalingType.YARN)  # noqa: E731
 BAD_FILES = {  # extra metadata, tensors, message
     "per_layer_heads": (lambda w: w.add_head_count([4, 4]), None,

@@ -99,7 +99,6 @@ def test_special_token_strings_inside_sentencepiece_text(sp_dir):
 
 
 def test_decode_skips_only_bos_and_eos(tmp_path):
-    from tokenizers import processors  # noqa: F401  (the helper's tokenizer, plus ChatML marks)
     t = make_tokenizer(320)
     t.add_special_tokens(["<|im_start|>"])
     t.save(str(tmp_path / "tokenizer.json"))
