@@ -1,5 +1,6 @@
 """The one place that decides whether an op runs as a Triton kernel or as its PyTorch reference,
 and the helpers every launcher shares."""
+import functools
 import os
 
 import torch
@@ -30,4 +31,10 @@ def dot_precision(dtype: torch.dtype) -> str:
 def sm_count(device) -> int:
     if device.type != "cuda":
         return 4  # interpreter: small, so tests still exercise several splits
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:
+    # cached: launchers run hundreds of times per token and host time is the decode bottleneck
+    return torch.cuda.get_device_properties(index).multi_processor_count
