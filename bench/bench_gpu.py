@@ -44,6 +44,7 @@ def main() -> None:
         config = SHAPES[shape]
         row = {"shape": NAMES[shape], "roofline": bandwidth / weight_bytes(config),
                **ours.measure(config, device)}
+        print(row, flush=True)
         if args.eager_too:
             row["decode_eager"] = ours.measure(config, device, cuda_graphs=False)["decode"]
         if not args.no_hf:

@@ -37,6 +37,10 @@ class DecodeGraphs:
         self.width = 4 + self.max_blocks
         self.host = torch.zeros((n, self.width), dtype=torch.int64).pin_memory()
         self.packed = torch.zeros((n, self.width), dtype=torch.int64, device=dev)
+        # the kernels want contiguous inputs: the graph's first nodes unpack `packed` into these
+        self.ids = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.slots = torch.zeros(n, dtype=torch.int64, device=dev)
         self.tables = torch.zeros((n, self.max_blocks), dtype=torch.int32, device=dev)
         self.seq_lens = torch.ones(n, dtype=torch.int32, device=dev)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=dev)
@@ -47,20 +51,25 @@ class DecodeGraphs:
         return next((b for b in self.buckets if b >= batch), None)
 
     def _meta(self, bucket: int) -> BatchMeta:
-        return BatchMeta(positions=self.packed[:bucket, 1], slot_mapping=self.packed[:bucket, 2],
+        return BatchMeta(positions=self.positions[:bucket], slot_mapping=self.slots[:bucket],
                          block_tables=self.tables[:bucket], seq_lens=self.seq_lens[:bucket],
                          query_start_loc=self.query_start_loc[:bucket + 1], max_query_len=1,
                          max_seq_len=self.max_seq_len)
 
+    def _unpack(self, bucket: int) -> None:
+        packed = self.packed[:bucket]
+        for column, buffer in enumerate((self.ids, self.positions, self.slots, self.seq_lens)):
+            buffer[:bucket].copy_(packed[:, column])
+        self.tables[:bucket].copy_(packed[:, 4:])
+
     def _step(self, bucket: int):
-        hidden = self.model.forward(self.packed[:bucket, 0], self._meta(bucket), self.cache.layers)
+        self._unpack(bucket)
+        hidden = self.model.forward(self.ids[:bucket], self._meta(bucket), self.cache.layers)
         logits = self.model.logits(hidden)
         return logits, argmax(logits)
 
     def _upload(self, bucket: int):
         self.packed[:bucket].copy_(self.host[:bucket], non_blocking=True)
-        self.seq_lens[:bucket].copy_(self.packed[:bucket, 3])
-        self.tables[:bucket].copy_(self.packed[:bucket, 4:])
 
     def capture(self, bucket: int) -> None:
         self._fill_padding(0, bucket)
