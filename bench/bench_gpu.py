@@ -60,15 +60,19 @@ def main() -> None:
 def _table(rows) -> str:
     def f(row, key, fmt="{:.0f}"):
         return fmt.format(row[key]) if key in row else "-"
-    lines = ["| shape | decode tok/s (b=1) | roofline | % of roofline | decode, no graphs | "
+    lines = ["| shape | decode tok/s (b=1) | roofline | % of roofline | graph replay alone, tok/s | decode, no graphs | "
              "prefill 512 tok/s | peak GB | transformers eager | transformers static+compile |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         lines.append(f"| {r['shape']} | {f(r, 'decode')} | {f(r, 'roofline')} | "
-                     f"{100 * r['decode'] / r['roofline']:.0f}% | {f(r, 'decode_eager')} | "
+                     f"{100 * r['decode'] / r['roofline']:.0f}% | {_replay_rate(r)} | {f(r, 'decode_eager')} | "
                      f"{f(r, 'prefill')} | {f(r, 'peak_gb', '{:.1f}')} | {f(r, 'hf_eager')} | "
                      f"{f(r, 'hf_static_compile')} |")
     return "\n".join(lines)
+
+
+def _replay_rate(row) -> str:
+    return f"{1e3 / row['replay_ms']:.0f}" if row.get("replay_ms") else "-"
 
 
 if __name__ == "__main__":

@@ -55,6 +55,16 @@ def prefill_tokens_per_s(engine, prompt_len=512, repeat=5) -> float:
     return prompt_len / timed(once, engine.model.first_device, repeat)
 
 
+def graph_replay_ms(engine, replays=100) -> float | None:
+    """GPU time of one captured batch-1 decode step, replayed back to back: the kernels alone,
+    without the host work between steps."""
+    graphs = engine.graphs
+    if graphs is None or 1 not in graphs.graphs:
+        return None
+    return 1e3 * timed(lambda: [graphs.graphs[1].replay() for _ in range(replays)],
+                       engine.model.first_device, repeat=3) / replays
+
+
 @torch.inference_mode()
 def measure(config, device, cuda_graphs=True) -> dict:
     torch.cuda.reset_peak_memory_stats(device)
@@ -66,6 +76,7 @@ def measure(config, device, cuda_graphs=True) -> dict:
     result = {"build_s": build_s,
               "decode": decode_tokens_per_s(engine),
               "prefill": prefill_tokens_per_s(engine),
+              "replay_ms": graph_replay_ms(engine),
               "peak_gb": torch.cuda.max_memory_allocated(device) / 1e9,
               "kv_tokens": engine.cache.capacity_tokens}
     del engine
