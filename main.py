@@ -19,6 +19,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cpu, cuda or cuda:N; default: CUDA when available, else the CPU")
     p.add_argument("--devices", default=None,
                    help="comma-separated devices to split the layers over, e.g. cuda:0,cuda:1")
+    p.add_argument("--split", default=None,
+                   help="layers per device with --devices: counts like 10,22, or 'memory' to "
+                        "follow each device's free memory; default: even")
     p.add_argument("--dtype", default=None,
                    help="float32, float16 or bfloat16; default: the model's on CUDA, float32 on CPU")
     p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy (default)")
@@ -36,13 +39,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _parse_split(text: str | None) -> list[int] | str | None:
+    if text is None or text == "memory":
+        return text
+    try:
+        return [int(n) for n in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--split must be layer counts like 10,22 or 'memory', got {text!r}") from None
+
+
 def run(args: argparse.Namespace) -> None:
     from api.inference import LlamaGenerator
     if args.max_tokens < 1:
         raise ValueError(f"--max_tokens must be >= 1, got {args.max_tokens}")
     devices = args.devices.split(",") if args.devices else None
     generator = LlamaGenerator(args.model, fmt=args.fmt, device=args.device, dtype=args.dtype,
-                               devices=devices, kv_cache_tokens=args.kv_cache_tokens)
+                               devices=devices, kv_cache_tokens=args.kv_cache_tokens,
+                               split=_parse_split(args.split))
     sampling = dict(max_new_tokens=args.max_tokens, temperature=args.temperature,
                     top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                     repetition_penalty=args.repetition_penalty, seed=args.seed,

@@ -49,7 +49,7 @@ def _pick_device(device: str | None) -> torch.device:
 class LlamaGenerator:
     def __init__(self, path: str | None = None, fmt: str = "triton", device: str | None = None,
                  dtype: str | torch.dtype | None = None, devices: list[str] | None = None,
-                 kv_cache_tokens: int | None = None, split: list[int] | None = None,
+                 kv_cache_tokens: int | None = None, split: list[int] | str | None = None,
                  cuda_graphs: bool = True):
         model_dir = resolve_model_dir(path, fmt)
         if devices:

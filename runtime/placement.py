@@ -27,16 +27,45 @@ def parse_device(name: str | torch.device) -> torch.device:
     return device
 
 
+def free_memory(device: torch.device) -> int:
+    """Bytes free on a device now (for the CPU: the kernel's MemAvailable)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with open("/proc/meminfo") as f:
+        info = dict(line.split(":", 1) for line in f)
+    return int(info["MemAvailable"].split()[0]) * 1024
+
+
+def split_by_weights(num_layers: int, weights: list[float]) -> list[int]:
+    """Layer counts proportional to weights, summing to num_layers (largest remainders first)."""
+    total = sum(weights)
+    exact = [num_layers * w / total for w in weights]
+    counts = [int(e) for e in exact]
+    by_remainder = sorted(range(len(weights)), key=lambda i: counts[i] - exact[i])
+    for i in by_remainder[:num_layers - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
 def split_layers(num_layers: int, devices: list[torch.device],
-                 split: list[int] | None = None) -> list[torch.device]:
-    """One device per layer. split gives each device's layer count; default: as even as can be,
-    the earlier devices taking the remainder."""
+                 split: list[int] | str | None = None) -> list[torch.device]:
+    """One device per layer. split gives each device's layer count, or "memory" to share the
+    layers by each device's free memory; default: as even as can be, earlier devices first."""
     if not devices:
         raise DeviceError("devices must name at least one device")
     if split is None:
-        base, extra = divmod(num_layers, len(devices))
-        split = [base + (i < extra) for i in range(len(devices))]
+        split = split_by_weights(num_layers, [1.0] * len(devices))
+    elif split == "memory":
+        split = split_by_weights(num_layers, [free_memory(d) for d in _unique(devices)]
+                                 if len(set(devices)) == len(devices)
+                                 else [1.0] * len(devices))
+    elif isinstance(split, str):
+        raise DeviceError(f"split must be a list of layer counts or 'memory', got {split!r}")
     if len(split) != len(devices) or sum(split) != num_layers or min(split) < 0:
         raise DeviceError(f"split {split} must give a layer count per device "
                           f"({len(devices)} devices) summing to {num_layers} layers")
     return [device for device, count in zip(devices, split) for _ in range(count)]
+
+
+def _unique(devices: list[torch.device]) -> list[torch.device]:
+    return list(dict.fromkeys(devices))

@@ -55,6 +55,22 @@ def test_user_errors_are_one_line_and_exit_2(model_dir, tmp_path, capsys, argv, 
     assert err.startswith(message) and err.count("\n") == 1 and "Traceback" not in err
 
 
+def test_layers_split_over_devices_from_the_cli(model_dir, capsys):
+    plain = [model_dir, "-p", "Hello", "--max_tokens", "4", "--device", "cpu"]
+    assert main.main(plain) == 0
+    want = capsys.readouterr().out
+    for split in ("1,1", "memory"):
+        assert main.main(plain[:-2] + ["--devices", "cpu,cpu", "--split", split]) == 0
+        assert capsys.readouterr().out == want
+
+
+def test_bad_split_is_one_line(model_dir, capsys):
+    assert main.main([model_dir, "-p", "Hi", "--devices", "cpu,cpu", "--split", "a,b"]) == 2
+    assert capsys.readouterr().err.startswith("error: --split must be layer counts")
+    assert main.main([model_dir, "-p", "Hi", "--devices", "cpu,cpu", "--split", "1,5"]) == 2
+    assert "summing to 2 layers" in capsys.readouterr().err
+
+
 def test_debug_shows_the_traceback(tmp_path):
     with pytest.raises(Exception, match="model path not found"):
         main.main([str(tmp_path / "nope"), "-p", "Hi", "--debug"])
@@ -65,7 +81,7 @@ def test_help_documents_every_flag():
                          text=True, check=True).stdout
     for flag in ("--max_tokens", "--fmt", "--device", "--devices", "--dtype", "--temperature",
                  "--top_k", "--top_p", "--min_p", "--repetition_penalty", "--seed", "--stop",
-                 "--chat", "--kv_cache_tokens", "--debug"):
+                 "--chat", "--kv_cache_tokens", "--debug", "--devices", "--split"):
         assert flag in out
 
 
