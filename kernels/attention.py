@@ -17,23 +17,26 @@ def _gather_kv(cache, table, length):
 
 def paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
                         max_query_len, scale, max_seq_len=None):
+    # PyTorch's scaled_dot_product_attention: on the CPU it runs ATen's own flash kernel, which
+    # (unlike einsum/bmm through oneDNN) sets nothing up per new shape -- and at decode every
+    # step has a new length. GQA is expanded by the op itself.
     out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
-    group = q.shape[1] // k_cache.shape[2]
     acc = torch.promote_types(q.dtype, torch.float32)  # softmax in fp32 (fp64 when checking)
     starts = query_start_loc.tolist()
     for b, length in enumerate(seq_lens.tolist()):
         lo, hi = starts[b], starts[b + 1]
         if hi == lo:
             continue
-        k = _gather_kv(k_cache, block_tables[b], length).to(acc).repeat_interleave(group, dim=1)
-        v = _gather_kv(v_cache, block_tables[b], length).to(acc).repeat_interleave(group, dim=1)
-        qb = q[lo:hi].to(acc)
-        scores = torch.einsum("qhd,khd->hqk", qb, k) * scale
-        q_pos = torch.arange(length - (hi - lo), length, device=q.device)
-        k_pos = torch.arange(length, device=q.device)
-        scores.masked_fill_(k_pos[None, None, :] > q_pos[None, :, None], float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        out[lo:hi] = torch.einsum("hqk,khd->qhd", probs, v).to(q.dtype)
+        k = _gather_kv(k_cache, block_tables[b], length).to(acc).transpose(0, 1)
+        v = _gather_kv(v_cache, block_tables[b], length).to(acc).transpose(0, 1)
+        qb = q[lo:hi].to(acc).transpose(0, 1)
+        mask = None
+        if hi - lo > 1:  # query row i sits at length - n + i: causal, aligned to the end
+            q_pos = torch.arange(length - (hi - lo), length, device=q.device)
+            mask = torch.arange(length, device=q.device)[None, :] <= q_pos[:, None]
+        attended = torch.nn.functional.scaled_dot_product_attention(
+            qb[None], k[None], v[None], attn_mask=mask, scale=scale, enable_gqa=True)
+        out[lo:hi] = attended[0].transpose(0, 1).to(q.dtype)
     return out
 
 
