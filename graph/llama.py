@@ -60,6 +60,8 @@ class LlamaModel:
         self.norm = self._take(state_dict, "norm.weight", self.last_device)
         head_name = "tok_embeddings.weight" if config.tie_word_embeddings else "output.weight"
         self.head = self._take(state_dict, head_name, self.last_device)
+        # runs of consecutive layers on one device; a CUDA graph is captured per segment
+        self.segments = self._segments()
         self.rope = {}
         for device in dict.fromkeys(self.layer_devices):
             self.rope[device] = rope_tables(config.head_dim, config.max_position_embeddings,
@@ -83,19 +85,40 @@ class LlamaModel:
     def devices(self) -> list[torch.device]:
         return list(dict.fromkeys(self.layer_devices))
 
+    def _segments(self) -> list[tuple[torch.device, int, int]]:
+        """(device, first layer, end layer) for each run of consecutive layers on one device."""
+        runs = []
+        for i, device in enumerate(self.layer_devices):
+            if runs and runs[-1][0] == device:
+                runs[-1][2] = i + 1
+            else:
+                runs.append([device, i, i + 1])
+        return [tuple(r) for r in runs]
+
     def forward(self, input_ids: torch.Tensor, meta: BatchMeta,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """Run the flattened batch; returns the final-normed hidden states [T, hidden]."""
         metas = {self.first_device: meta}
-        hidden = self.embed[input_ids.to(self.first_device)]
-        residual = None
-        for i, weights in enumerate(self.layers):
-            device = self.layer_devices[i]
+        hidden, residual = self.embed_tokens(input_ids.to(self.first_device)), None
+        for device, start, end in self.segments:
             if hidden.device != device:
                 hidden, residual = hidden.to(device), residual.to(device)
             if device not in metas:
                 metas[device] = meta.to(device)
-            hidden, residual = self._block(weights, hidden, residual, metas[device], kv_caches[i])
+            hidden, residual = self.run_layers(start, end, hidden, residual, metas[device],
+                                               kv_caches)
+        return self.final_norm(hidden, residual)
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed[input_ids]
+
+    def run_layers(self, start: int, end: int, hidden, residual, meta: BatchMeta, kv_caches):
+        """Layers start..end-1, all on one device; residual is None before the first layer."""
+        for i in range(start, end):
+            hidden, residual = self._block(self.layers[i], hidden, residual, meta, kv_caches[i])
+        return hidden, residual
+
+    def final_norm(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         if hidden.device != self.last_device:
             hidden, residual = hidden.to(self.last_device), residual.to(self.last_device)
         hidden, _ = rmsnorm(hidden, self.norm, self.config.rms_norm_eps, residual)

@@ -1,12 +1,15 @@
 """Decode steps captured as CUDA graphs, one per batch-size bucket, replayed with new inputs.
 
 A graph bakes in every tensor address and launch grid, so the inputs live in static buffers that
-each step refills with one host-to-device copy, the attention grid depends only on the fixed
-max_seq_len, and a batch smaller than its bucket is padded with dummy rows that write into a
-scratch block reserved for them. The step ends with the logits and greedy tokens on the device.
+each step refills with one host-to-device copy per device, the attention grid depends only on the
+fixed max_seq_len, and a batch smaller than its bucket is padded with dummy rows that write into a
+scratch block reserved for them. A model split over several GPUs gets one graph per device
+segment; the hidden state crosses between segments as a copy between replays. The last segment
+ends with the logits and the greedy tokens on the device.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from graph.llama import BatchMeta, LlamaModel
@@ -14,100 +17,152 @@ from kernels.argmax import argmax
 from runtime.kv_cache import PagedKVCache
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+IDS, POSITIONS, SLOTS, SEQ_LENS, TABLES = 0, 1, 2, 3, 4   # columns of the packed input
+
+
+class _DeviceInputs:
+    """One device's static copy of the step inputs, unpacked into the contiguous tensors the
+    kernels want (by the graph's first nodes, so the replay does the unpacking)."""
+
+    def __init__(self, device: torch.device, rows: int, width: int, max_blocks: int):
+        self.packed = torch.zeros((rows, width), dtype=torch.int64, device=device)
+        self.ids = torch.zeros(rows, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(rows, dtype=torch.int64, device=device)
+        self.slots = torch.zeros(rows, dtype=torch.int64, device=device)
+        self.seq_lens = torch.ones(rows, dtype=torch.int32, device=device)
+        self.tables = torch.zeros((rows, max_blocks), dtype=torch.int32, device=device)
+        self.query_start_loc = torch.arange(rows + 1, dtype=torch.int32, device=device)
+
+    def unpack(self, bucket: int) -> None:
+        packed = self.packed[:bucket]
+        for column, buffer in ((IDS, self.ids), (POSITIONS, self.positions), (SLOTS, self.slots),
+                               (SEQ_LENS, self.seq_lens)):
+            buffer[:bucket].copy_(packed[:, column])
+        self.tables[:bucket].copy_(packed[:, TABLES:])
+
+    def meta(self, bucket: int, max_seq_len: int) -> BatchMeta:
+        return BatchMeta(positions=self.positions[:bucket], slot_mapping=self.slots[:bucket],
+                         block_tables=self.tables[:bucket], seq_lens=self.seq_lens[:bucket],
+                         query_start_loc=self.query_start_loc[:bucket + 1], max_query_len=1,
+                         max_seq_len=max_seq_len)
+
+
+class _BucketGraphs:
+    """The graphs of one batch bucket: one per segment, with the tensors that link them."""
+
+    def __init__(self):
+        self.graphs: list[torch.cuda.CUDAGraph] = []
+        self.inputs: list[tuple[torch.Tensor, torch.Tensor] | None] = []   # hidden, residual
+        self.outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.logits: torch.Tensor | None = None
+        self.tokens: torch.Tensor | None = None
 
 
 class DecodeGraphs:
     def __init__(self, model: LlamaModel, cache: PagedKVCache, max_batch: int = 256,
                  max_seq_len: int | None = None):
         self.model, self.cache = model, cache
-        self.device = model.first_device
         self.buckets = [b for b in BUCKETS if b <= max_batch] or [1]
         self.max_batch = self.buckets[-1]
         self.max_seq_len = min(max_seq_len or model.config.max_position_embeddings,
                                cache.capacity_tokens)
-        self.max_blocks = -(-self.max_seq_len // cache.block_size)
+        max_blocks = -(-self.max_seq_len // cache.block_size)
         self.scratch_block = cache.allocator.allocate(1)[0]
-        self._make_buffers()
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.pool = None
+        width = TABLES + max_blocks
+        self.host = torch.zeros((self.max_batch, width), dtype=torch.int64).pin_memory()
+        self.host_np = self.host.numpy()   # numpy writes cost far less per step than torch's
+        self.inputs = {d: _DeviceInputs(d, self.max_batch, width, max_blocks)
+                       for d in model.devices}
+        self.by_bucket: dict[int, _BucketGraphs] = {}
+        self.pools: dict[torch.device, object] = {}
 
-    def _make_buffers(self):
-        n, dev = self.max_batch, self.device
-        # one pinned host buffer and one device buffer: ids, positions, slots, seq_lens, tables
-        self.width = 4 + self.max_blocks
-        self.host = torch.zeros((n, self.width), dtype=torch.int64).pin_memory()
-        self.packed = torch.zeros((n, self.width), dtype=torch.int64, device=dev)
-        # the kernels want contiguous inputs: the graph's first nodes unpack `packed` into these
-        self.ids = torch.zeros(n, dtype=torch.int64, device=dev)
-        self.positions = torch.zeros(n, dtype=torch.int64, device=dev)
-        self.slots = torch.zeros(n, dtype=torch.int64, device=dev)
-        self.tables = torch.zeros((n, self.max_blocks), dtype=torch.int32, device=dev)
-        self.seq_lens = torch.ones(n, dtype=torch.int32, device=dev)
-        self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=dev)
-        self.logits: dict[int, torch.Tensor] = {}
-        self.tokens: dict[int, torch.Tensor] = {}
+    @property
+    def graphs(self) -> dict[int, _BucketGraphs]:
+        return self.by_bucket
 
     def bucket_for(self, batch: int) -> int | None:
         return next((b for b in self.buckets if b >= batch), None)
 
-    def _meta(self, bucket: int) -> BatchMeta:
-        return BatchMeta(positions=self.positions[:bucket], slot_mapping=self.slots[:bucket],
-                         block_tables=self.tables[:bucket], seq_lens=self.seq_lens[:bucket],
-                         query_start_loc=self.query_start_loc[:bucket + 1], max_query_len=1,
-                         max_seq_len=self.max_seq_len)
-
-    def _unpack(self, bucket: int) -> None:
-        packed = self.packed[:bucket]
-        for column, buffer in enumerate((self.ids, self.positions, self.slots, self.seq_lens)):
-            buffer[:bucket].copy_(packed[:, column])
-        self.tables[:bucket].copy_(packed[:, 4:])
-
-    def _step(self, bucket: int):
-        self._unpack(bucket)
-        hidden = self.model.forward(self.ids[:bucket], self._meta(bucket), self.cache.layers)
-        logits = self.model.logits(hidden)
-        return logits, argmax(logits)
-
-    def _upload(self, bucket: int):
-        self.packed[:bucket].copy_(self.host[:bucket], non_blocking=True)
+    # ---- capture -----------------------------------------------------------------------
+    def _segment_step(self, bucket, index, hidden, residual):
+        """The work of segment `index`: unpack inputs, (embed), its layers, (norm + head)."""
+        device, start, end = self.model.segments[index]
+        inputs = self.inputs[device]
+        inputs.unpack(bucket)
+        if index == 0:
+            hidden = self.model.embed_tokens(inputs.ids[:bucket])
+        hidden, residual = self.model.run_layers(start, end, hidden, residual,
+                                                 inputs.meta(bucket, self.max_seq_len),
+                                                 self.cache.layers)
+        if index < len(self.model.segments) - 1:
+            return hidden, residual, None
+        logits = self.model.logits(self.model.final_norm(hidden, residual))
+        return hidden, residual, (logits, argmax(logits))
 
     def capture(self, bucket: int) -> None:
         self._fill_padding(0, bucket)
         self._upload(bucket)
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # warm-up: autotuning and compilation happen outside the graph
-                self._step(bucket)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            self.logits[bucket], self.tokens[bucket] = self._step(bucket)
-        self.pool = graph.pool()
-        self.graphs[bucket] = graph
+        made = _BucketGraphs()
+        hidden = residual = None
+        for index, (device, _, _) in enumerate(self.model.segments):
+            if index:
+                hidden, residual = hidden.to(device).clone(), residual.to(device).clone()
+            made.inputs.append((hidden, residual) if index else None)
+            hidden, residual, head = self._capture_segment(made, bucket, index, hidden, residual)
+            made.outputs.append((hidden, residual))
+            if head is not None:
+                made.logits, made.tokens = head
+        self.by_bucket[bucket] = made
 
+    def _capture_segment(self, made, bucket, index, hidden, residual):
+        device = self.model.segments[index][0]
+        with torch.cuda.device(device):
+            stream = torch.cuda.Stream(device)
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # warm-up: autotuning and compilation happen outside graphs
+                    self._segment_step(bucket, index, hidden, residual)
+            torch.cuda.current_stream(device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pools.get(device)):
+                result = self._segment_step(bucket, index, hidden, residual)
+            self.pools[device] = graph.pool()
+        made.graphs.append(graph)
+        return result
+
+    # ---- replay ------------------------------------------------------------------------
     def _fill_padding(self, start: int, bucket: int) -> None:
-        rows = self.host[start:bucket]
-        rows.zero_()
-        rows[:, 2] = self.scratch_block * self.cache.block_size
-        rows[:, 3] = 1
-        rows[:, 4:] = self.scratch_block
+        rows = self.host_np[start:bucket]
+        rows[:] = 0
+        rows[:, SLOTS] = self.scratch_block * self.cache.block_size
+        rows[:, SEQ_LENS] = 1
+        rows[:, TABLES:] = self.scratch_block
+
+    def _upload(self, bucket: int) -> None:
+        for inputs in self.inputs.values():
+            inputs.packed[:bucket].copy_(self.host[:bucket], non_blocking=True)
 
     def run(self, token_ids: list[int], positions: list[int], slots: list[int],
             seq_lens: list[int], tables: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """One decode step for len(token_ids) sequences: (logits [B, vocab], greedy [B])."""
         batch = len(token_ids)
         bucket = self.bucket_for(batch)
-        if bucket not in self.graphs:
+        if bucket not in self.by_bucket:
             self.capture(bucket)
-        host = self.host
-        host[:batch, 0] = torch.tensor(token_ids)
-        host[:batch, 1] = torch.tensor(positions)
-        host[:batch, 2] = torch.tensor(slots)
-        host[:batch, 3] = torch.tensor(seq_lens)
+        host = self.host_np
+        host[:batch, IDS] = token_ids
+        host[:batch, POSITIONS] = positions
+        host[:batch, SLOTS] = slots
+        host[:batch, SEQ_LENS] = seq_lens
         for row, table in enumerate(tables):
-            host[row, 4:4 + len(table)] = torch.tensor(table)
+            host[row, TABLES:TABLES + len(table)] = table
         self._fill_padding(batch, bucket)
         self._upload(bucket)
-        self.graphs[bucket].replay()
-        return self.logits[bucket][:batch], self.tokens[bucket][:batch]
+        made = self.by_bucket[bucket]
+        for index, graph in enumerate(made.graphs):
+            if index:
+                (hidden, residual), (prev_h, prev_r) = made.inputs[index], made.outputs[index - 1]
+                hidden.copy_(prev_h, non_blocking=True)
+                residual.copy_(prev_r, non_blocking=True)
+            graph.replay()
+        return made.logits[:batch], made.tokens[:batch]

@@ -17,9 +17,8 @@ from runtime.sampler import SamplingParams, all_plain_greedy, sample
 
 
 def make_decode_graphs(model: LlamaModel, cache: PagedKVCache) -> "DecodeGraphs | None":
-    """CUDA graphs for decode when the whole model sits on one GPU and runs Triton kernels."""
-    devices = model.devices
-    if len(devices) != 1 or not use_triton(torch.empty(0, device=devices[0])):
+    """CUDA graphs for decode when every layer sits on a GPU and runs Triton kernels."""
+    if not all(use_triton(torch.empty(0, device=d)) for d in model.devices):
         return None
     from runtime.cuda_graphs import DecodeGraphs
     return DecodeGraphs(model, cache)
@@ -45,6 +44,18 @@ class Sequence:
     @property
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
+
+    @property
+    def num_known(self) -> int:
+        """Prompt plus generated tokens: what the cache must hold before the next sample."""
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def token_slice(self, start: int, end: int) -> list[int]:
+        """all_ids[start:end] without building all_ids (a decode step reads one token)."""
+        n = len(self.prompt_ids)
+        if start >= n:
+            return self.output_ids[start - n:end - n]
+        return (self.prompt_ids + self.output_ids)[start:end]
 
 
 class Engine:

@@ -97,6 +97,19 @@ def test_split_on_one_gpu_equals_unsplit(hf_and_dir):
     assert split.generate_ids(ids, 16) == one.generate_ids(ids, 16)
 
 
+def test_graphs_per_segment_equal_one_graph(hf_and_dir):
+    """A split model gets one decode graph per device segment; two segments on one GPU must
+    give the tokens of the unsplit model."""
+    _, model_dir = hf_and_dir
+    one = LlamaGenerator(model_dir, device="cuda", dtype="float32")
+    split = LlamaGenerator(model_dir, devices=["cuda:0", "cuda:0"], dtype="float32")
+    device = split.model.first_device
+    split.model.segments = [(device, 0, 1), (device, 1, 3)]
+    for p in (_ids(5, seed=5), _ids(70, seed=6)):
+        assert split.generate_ids(p, 24) == one.generate_ids(p, 24)
+    assert len(split.engine.graphs.graphs[1].graphs) == 2
+
+
 def test_torch_backend_on_gpu_agrees(hf_and_dir, monkeypatch):
     _, model_dir = hf_and_dir
     ids = _ids(33, seed=4)
