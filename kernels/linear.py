@@ -1,16 +1,20 @@
 """y = x @ W.T for every projection of the model.
 
-Two kernels, because the two phases hit different limits:
+Two paths, because the two phases hit different limits:
 - decode (T <= 16 rows): memory-bound; the weight is streamed once. Rows are padded to 16 for
-  tl.dot, and small BLOCK_N tiles give enough programs to keep every SM loading (a 2048-row
-  weight with BLOCK_N=16 is 128 programs) -- the GEMV-style alternative to split-K.
+  tl.dot. A big N (w13, lm_head) gives every SM several programs over N alone. A split-K
+  variant for small N (wqkv, wo, w2) exists but is off (DECODE_SPLIT_K, see NOTES.md): grid
+  (cdiv(N, BLOCK_N), SPLIT_K), each program writes its fp32 partial to [SPLIT_K, M, N] and a
+  tiny kernel sums the partials in a fixed order and casts (deterministic, no memset, no
+  atomics; the partial buffer is a plain torch.empty, so CUDA-graph capture is fine).
 - prefill: compute-bound; tensor-core tiles with grouped ordering for L2 reuse.
-Both are autotuned, keyed on (row-count bucket, N, K) so a new prompt length does not retune."""
+All are autotuned, keyed on (row-count bucket, N, K[, SPLIT_K]) so a new prompt length does not
+retune."""
 import torch
 import triton
 import triton.language as tl
 
-from .dispatch import dot_precision, tune, use_triton
+from .dispatch import dot_precision, sm_count, tune, use_triton
 
 DECODE_MAX_ROWS = 16
 
@@ -36,6 +40,40 @@ def _prefill_configs():
                 triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}))
 
 
+def _split_configs():
+    # every BLOCK_K divides SPLIT_UNIT, so each split's K chunk is whole tiles
+    shapes = [(16, 128, 4, 4), (32, 128, 4, 4), (64, 128, 4, 4), (64, 64, 4, 4),
+              (32, 64, 4, 4), (128, 128, 4, 3), (64, 128, 8, 3), (16, 64, 2, 4)]
+    return tune([triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+                 for n, k, w, s in shapes], triton.Config({"BLOCK_N": 16, "BLOCK_K": 32}))
+
+
+_SPLIT_CONFIGS = _split_configs()
+SPLIT_UNIT = max(c.kwargs["BLOCK_K"] for c in _SPLIT_CONFIGS)  # 128 on GPU, 32 interpreted
+SPLIT_BLOCK_N = 64  # nominal tile width for counting programs over N
+# Off: measured on the H100 (NOTES.md), split-K costs 1-2 us more device time per call than the
+# unsplit kernel at every 1B/8B shape, inside a CUDA graph (the extra reduce launch), and ~2-4x
+# more host time eagerly. The unsplit kernel is already at cuBLAS parity in device time; the
+# do_bench gap on small N is launcher host time. Kept, tested, for GPUs with more SMs per byte.
+DECODE_SPLIT_K = False
+
+
+def decode_split_k(N, K, sms):
+    """(SPLIT_K, K per split) for a decode GEMV: 1 while N alone gives every SM a program at
+    BLOCK_N=64 (the unsplit kernel then has 2-8x SMs programs at BLOCK_N 32-16); otherwise
+    enough K splits for ~2x SMs programs, each split a whole number of SPLIT_UNIT columns."""
+    tiles = triton.cdiv(N, SPLIT_BLOCK_N)
+    if tiles >= sms or K <= SPLIT_UNIT:
+        return 1, K
+    split = min(triton.cdiv(2 * sms, tiles), triton.cdiv(K, SPLIT_UNIT))
+    return _round_split(split, K)
+
+
+def _round_split(split, K):
+    per = triton.cdiv(triton.cdiv(K, max(split, 1)), SPLIT_UNIT) * SPLIT_UNIT
+    return triton.cdiv(K, per), per  # no empty split: every partial row gets written
+
+
 @triton.autotune(configs=_decode_configs(), key=["M_BUCKET", "N", "K"])
 @triton.jit
 def _decode_linear_kernel(x_ptr, w_ptr, out_ptr, M, N, K, M_BUCKET, sxm, swn, som,
@@ -53,6 +91,69 @@ def _decode_linear_kernel(x_ptr, w_ptr, out_ptr, M, N, K, M_BUCKET, sxm, swn, so
         acc += tl.dot(x, w, input_precision=DOT_PREC)
     tl.store(out_ptr + rm[:, None] * som + rn[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+@triton.autotune(configs=_SPLIT_CONFIGS, key=["M_BUCKET", "N", "K", "SPLIT_K"])
+@triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
+@triton.jit
+def _decode_splitk_kernel(x_ptr, w_ptr, part_ptr, M, N, K, M_BUCKET, SPLIT_K, K_PER_SPLIT, sxm,
+                          swn, DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    pid_k = tl.program_id(1)
+    rm = tl.arange(0, 16)  # rows padded to tl.dot's minimum
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    k_lo = pid_k * K_PER_SPLIT  # K_PER_SPLIT is a multiple of BLOCK_K: only K itself is ragged
+    k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
+    x_ptrs = x_ptr + rm[:, None] * sxm + (k_lo + rk)[None, :]
+    w_ptrs = w_ptr + rn[None, :].to(tl.int64) * swn + (k_lo + rk)[:, None]
+    acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        if EVEN_K:
+            x = tl.load(x_ptrs, mask=rm[:, None] < M, other=0.0)
+            w = tl.load(w_ptrs, mask=rn[None, :] < N, other=0.0)
+        else:
+            x = tl.load(x_ptrs, mask=(rm[:, None] < M) & (rk[None, :] < K - k0), other=0.0)
+            w = tl.load(w_ptrs, mask=(rn[None, :] < N) & (rk[:, None] < K - k0), other=0.0)
+        acc += tl.dot(x, w, input_precision=DOT_PREC)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    tl.store(part_ptr + (pid_k * M + rm[:, None]) * N + rn[None, :], acc,
+             mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+@triton.jit
+def _splitk_reduce_kernel(part_ptr, out_ptr, M, N, SPLIT_K, som, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    rn = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = rn < N
+    ptrs = part_ptr + row * N + rn
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for _ in range(0, SPLIT_K):  # fixed order: the same sum on every run
+        acc += tl.load(ptrs, mask=mask, other=0.0)
+        ptrs += M * N
+    tl.store(out_ptr + row * som + rn, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+REDUCE_BLOCK = 1024
+
+
+def _launch_decode(x, weight, out, split, k_per_split):
+    M, K = x.shape
+    N = weight.shape[0]
+    prec = dot_precision(x.dtype)
+    m_bucket = triton.next_power_of_2(M)
+    if split == 1:
+        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)
+        _decode_linear_kernel[grid](x, weight, out, M, N, K, m_bucket, x.stride(0),
+                                    weight.stride(0), out.stride(0), DOT_PREC=prec)
+        return
+    part = torch.empty((split, M, N), device=x.device, dtype=torch.float32)
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), split)
+    _decode_splitk_kernel[grid](x, weight, part, M, N, K, m_bucket, split, k_per_split,
+                                x.stride(0), weight.stride(0), DOT_PREC=prec)
+    _splitk_reduce_kernel[(M, triton.cdiv(N, REDUCE_BLOCK))](part, out, M, N, split,
+                                                             out.stride(0), BLOCK=REDUCE_BLOCK)
 
 
 @triton.autotune(configs=_prefill_configs(), key=["M_BUCKET", "N", "K"])
@@ -99,13 +200,13 @@ def linear_triton(x, weight):
     out = torch.empty((M, N), device=x.device, dtype=x.dtype)
     if M == 0:
         return out
-    args = (x, weight, out, M, N, K, triton.next_power_of_2(M), x.stride(0), weight.stride(0),
-            out.stride(0))
-    prec = dot_precision(x.dtype)
     if M <= DECODE_MAX_ROWS:
-        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)
-        _decode_linear_kernel[grid](*args, DOT_PREC=prec)
+        split = decode_split_k(N, K, sm_count(x.device)) if DECODE_SPLIT_K else (1, K)
+        _launch_decode(x, weight, out, *split)
     else:
+        args = (x, weight, out, M, N, K, triton.next_power_of_2(M), x.stride(0),
+                weight.stride(0), out.stride(0))
+        prec = dot_precision(x.dtype)
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
         _prefill_linear_kernel[grid](*args, DOT_PREC=prec)
     return out

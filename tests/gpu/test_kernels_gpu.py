@@ -11,7 +11,9 @@ import torch
 from kernels.argmax import argmax
 from kernels.attention import paged_attention, paged_attention_ref, paged_attention_triton
 from kernels.attention_decode import paged_decode_triton
-from kernels.linear import linear, linear_triton
+from kernels.dispatch import sm_count
+from kernels import linear as linear_mod
+from kernels.linear import decode_split_k, linear, linear_triton
 from kernels.rmsnorm import rmsnorm_ref, rmsnorm_triton
 from kernels.rotary import rope_tables, rotary_cache_write_ref, rotary_cache_write_triton
 from kernels.silu_mul import silu_mul_ref, silu_mul_triton
@@ -78,6 +80,34 @@ def test_linear(dtype, T, N, K):
     out = linear_triton(x, w)
     assert out.shape == (T, N) and out.dtype == dtype
     assert rel_err(out, x.double() @ w.double().T) < TOL[dtype]
+
+
+@pytest.mark.parametrize("T", [1, 9])
+@pytest.mark.parametrize("dtype,N,K", [(torch.bfloat16, 1000, 1000), (torch.float32, 4096, 4096),
+                                       (torch.float16, 333, 5000)])
+def test_linear_split_k_ragged(monkeypatch, dtype, T, N, K):
+    monkeypatch.setattr(linear_mod, "DECODE_SPLIT_K", True)  # off by default (NOTES.md)
+    # small N takes the split-K decode path; K not a multiple of the split unit or the tile
+    assert decode_split_k(N, K, sm_count(torch.device(DEV)))[0] > 1
+    x = torch.randn(T, K, device=DEV, dtype=dtype)
+    w = (torch.randn(N, K, device=DEV) / K ** 0.5).to(dtype)
+    out = linear_triton(x, w)
+    assert rel_err(out, x.double() @ w.double().T) < TOL[dtype]
+    assert torch.equal(out, linear_triton(x, w))  # fixed-order reduction: deterministic
+
+
+def test_linear_split_k_cuda_graph(monkeypatch):
+    monkeypatch.setattr(linear_mod, "DECODE_SPLIT_K", True)
+    x = torch.randn(1, 2048, device=DEV, dtype=torch.bfloat16)
+    w = (torch.randn(2048, 2048, device=DEV) / 45).to(torch.bfloat16)
+    want = linear_triton(x, w)  # autotunes outside the capture
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = linear_triton(x, w)
+    x.copy_(torch.randn_like(x))
+    g.replay()
+    torch.cuda.synchronize()
+    assert not torch.equal(out, want) and torch.equal(out, linear_triton(x, w))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

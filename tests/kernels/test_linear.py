@@ -1,8 +1,10 @@
 import pytest
 import torch
+import triton
 
 from conftest import TOL, rel_err
-from kernels.linear import linear, linear_ref, linear_triton
+from kernels import linear as linear_mod
+from kernels.linear import SPLIT_UNIT, decode_split_k, linear, linear_ref, linear_triton
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -15,6 +17,48 @@ def test_linear_triton_matches_ref(dtype, T, N, K):
     assert out.shape == (T, N) and out.dtype == dtype
     ref = linear_ref(x.double(), w.double())
     assert rel_err(out, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("N,K", [(48, 64), (100, 72)])
+def test_small_n_decode_splits_k(monkeypatch, N, K):
+    # the interpreter reports 4 SMs: these shapes must take the split-K path, the second with a
+    # ragged last split (72 = 2 * 32 + 8)
+    split, per = decode_split_k(N, K, 4)
+    assert split > 1 and per % SPLIT_UNIT == 0 and (split - 1) * per < K <= split * per
+    monkeypatch.setattr(linear_mod, "DECODE_SPLIT_K", True)  # the heuristic's own split, end to end
+    x, w = torch.randn(2, K), torch.randn(N, K) / K ** 0.5
+    assert rel_err(linear_triton(x, w), x.double() @ w.double().T) < TOL[torch.float32]
+
+
+def test_big_n_decode_does_not_split():
+    assert decode_split_k(128256, 2048, 132) == (1, 2048)  # lm_head: N alone fills the GPU
+    assert decode_split_k(16384, 2048, 132) == (1, 2048)
+    assert decode_split_k(2048, 2048, 132)[0] > 1
+    split, per = decode_split_k(3072, 2048, 132)
+    assert split * triton.cdiv(3072, 64) >= 2 * 132 and per % SPLIT_UNIT == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("T", [1, 5, 16])
+@pytest.mark.parametrize("N,K,split", [(40, 96, 3), (70, 100, 4), (33, 130, 2), (20, 200, 7)])
+def test_linear_split_k_forced(monkeypatch, dtype, T, N, K, split):
+    # any requested split, rounded to whole SPLIT_UNIT chunks; ragged N and K; strided rows
+    want = linear_mod._round_split(split, K)
+    assert want[0] > 1
+    monkeypatch.setattr(linear_mod, "DECODE_SPLIT_K", True)
+    monkeypatch.setattr(linear_mod, "decode_split_k", lambda n, k, sms: want)
+    x = torch.randn(T, K + 8, dtype=dtype)[:, 3:K + 3]
+    w = torch.randn(N, K, dtype=dtype) / K ** 0.5
+    out = linear_triton(x, w)
+    assert out.shape == (T, N) and out.dtype == dtype
+    assert rel_err(out, linear_ref(x.double(), w.double())) < TOL[dtype]
+
+
+def test_linear_split_k_is_deterministic(monkeypatch):
+    monkeypatch.setattr(linear_mod, "DECODE_SPLIT_K", True)
+    monkeypatch.setattr(linear_mod, "decode_split_k", lambda n, k, sms: linear_mod._round_split(3, k))
+    x, w = torch.randn(2, 96), torch.randn(24, 96)
+    assert torch.equal(linear_triton(x, w), linear_triton(x, w))
 
 
 def test_linear_triton_strided_input():
