@@ -13,7 +13,9 @@ from runtime.engine import Engine, Sequence, make_decode_graphs
 from runtime.kv_cache import PagedKVCache
 from runtime.kv_budget import default_kv_cache_tokens
 from runtime.placement import parse_device, split_layers
+from runtime.progress import ProgressBar
 from runtime.sampler import SamplingParams
+from runtime.scheduler import Scheduler
 from utils.chat_template import end_of_turn_ids, render_for_tokenizer
 from utils.checkpoint import load_native
 from utils.tokenizer import Tokenizer
@@ -50,7 +52,8 @@ class LlamaGenerator:
     def __init__(self, path: str | None = None, fmt: str = "triton", device: str | None = None,
                  dtype: str | torch.dtype | None = None, devices: list[str] | None = None,
                  kv_cache_tokens: int | None = None, split: list[int] | str | None = None,
-                 cuda_graphs: bool = True):
+                 cuda_graphs: bool = True, max_num_batched_tokens: int | None = None,
+                 max_num_seqs: int = 256):
         model_dir = resolve_model_dir(path, fmt)
         if devices:
             placed = [parse_device(d) for d in devices]
@@ -73,18 +76,39 @@ class LlamaGenerator:
                                   config.head_dim, self.dtype, layer_devices)
         graphs = make_decode_graphs(self.model, self.cache) if cuda_graphs else None
         self.engine = Engine(self.model, self.cache, self.tokenizer.eos_ids, graphs)
+        self.scheduler_options = dict(max_num_batched_tokens=max_num_batched_tokens,
+                                      max_num_seqs=max_num_seqs)
+        self.new_scheduler()   # refuses bad options now rather than at the first request
 
     @property
     def device(self) -> torch.device:
         return self.model.first_device
 
+    def new_scheduler(self) -> Scheduler:
+        """A scheduler over this generator's engine; the KV cache, and with it the blocks of
+        earlier prompts kept for prefix sharing, is the same for all of them."""
+        return Scheduler(self.engine, **self.scheduler_options)
+
     # ---- text in, text out ---------------------------------------------------------------
-    def generate(self, prompt: str | list[str], max_new_tokens: int = 16, **sampling) -> str | list[str]:
-        """Completion text for one prompt, or a list of completions for a list of prompts."""
+    def generate(self, prompt: str | list[str], max_new_tokens: int = 16,
+                 sampling: list[dict | SamplingParams] | None = None,
+                 progress: bool | None = None, **shared) -> str | list[str]:
+        """Completion text for one prompt, or a list of completions for a list of prompts.
+
+        All prompts run together through the scheduler (continuous batching, long prompts in
+        chunks, common prefixes computed once). The keyword arguments (temperature, top_k,
+        top_p, min_p, repetition_penalty, seed, stop, stop_token_ids) apply to every prompt;
+        `sampling` gives each prompt its own: one entry per prompt, either a dict of those
+        fields overriding the shared ones (max_new_tokens included) or a SamplingParams used
+        as it is. Example: generate(["a", "b"], sampling=[{}, {"temperature": 0.8, "seed": 1}]).
+        `progress` draws a bar on stderr; by default only for 8 or more prompts on a terminal.
+        """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        params = SamplingParams(max_new_tokens=max_new_tokens, **sampling)
-        seqs = [self.engine.new_sequence(self.tokenizer.encode(p), params) for p in prompts]
-        texts = self._run_text(seqs)
+        params = per_request_params(len(prompts), sampling,
+                                    dict(max_new_tokens=max_new_tokens, **shared))
+        seqs = [self.engine.new_sequence(self.tokenizer.encode(p), sp)
+                for p, sp in zip(prompts, params)]
+        texts = self._run_text(seqs, ProgressBar(len(seqs), enabled=progress))
         return texts[0] if isinstance(prompt, str) else texts
 
     def stream(self, prompt: str, max_new_tokens: int = 16, **sampling) -> Iterator[str]:
@@ -106,36 +130,44 @@ class LlamaGenerator:
         seq = self.engine.new_sequence(self.tokenizer.encode(text, add_bos=False), params)
         yield from self._stream_seq(seq)
 
-    def _run_text(self, seqs: list[Sequence]) -> list[str]:
+    def _run_text(self, seqs: list[Sequence], bar: ProgressBar) -> list[str]:
         decoders = [self.tokenizer.stream_decoder() for _ in seqs]
         filters = [StopTextFilter(s.params.stop) for s in seqs]
         texts = [""] * len(seqs)
         index = {id(s): i for i, s in enumerate(seqs)}
-        for step in self.engine.generate(seqs):
+        scheduler, finished = self.new_scheduler(), 0
+        for seq in seqs:
+            scheduler.add(seq)
+        for step in scheduler.run():
             for seq, token in step:
                 i = index[id(seq)]
-                texts[i] += self._emit(seq, token, decoders[i], filters[i])
+                texts[i] += self._emit(scheduler, seq, token, decoders[i], filters[i])
+                finished += seq.finished
+            bar.update(finished, len(step))
+        bar.close()
         for i in range(len(seqs)):
             texts[i] += filters[i].push(decoders[i].flush()) + filters[i].flush()
         return texts
 
     def _stream_seq(self, seq: Sequence) -> Iterator[str]:
         decoder, stop_filter = self.tokenizer.stream_decoder(), StopTextFilter(seq.params.stop)
-        for step in self.engine.generate([seq]):
+        scheduler = self.new_scheduler()
+        scheduler.add(seq)
+        for step in scheduler.run():
             for _, token in step:
-                piece = self._emit(seq, token, decoder, stop_filter)
+                piece = self._emit(scheduler, seq, token, decoder, stop_filter)
                 if piece:
                     yield piece
         tail = stop_filter.push(decoder.flush()) + stop_filter.flush()
         if tail:
             yield tail
 
-    def _emit(self, seq, token, decoder, stop_filter) -> str:
+    def _emit(self, scheduler, seq, token, decoder, stop_filter) -> str:
         if token in self.tokenizer.eos_ids or token in seq.params.stop_token_ids:
             return ""
         shown = stop_filter.push(decoder.push(token))
         if stop_filter.stopped:
-            self.engine.finish(seq, "stop")
+            scheduler.finish(seq, "stop")
         return shown
 
     # ---- token ids ---------------------------------------------------------------------
@@ -143,7 +175,9 @@ class LlamaGenerator:
         """The new token ids (EOS included when it ends the generation)."""
         params = SamplingParams(max_new_tokens=max_new_tokens, **sampling)
         seq = self.engine.new_sequence(list(prompt_ids), params)
-        for _ in self.engine.generate([seq]):
+        scheduler = self.new_scheduler()
+        scheduler.add(seq)
+        for _ in scheduler.run():
             pass
         return seq.output_ids
 
@@ -151,3 +185,23 @@ class LlamaGenerator:
     def logits(self, token_ids: list[int]) -> torch.Tensor:
         """Prefill logits of every position, float32 [n, vocab] on the CPU."""
         return self.engine.prefill_logits(list(token_ids)).cpu()
+
+
+def per_request_params(count: int, sampling, shared: dict) -> list[SamplingParams]:
+    """One SamplingParams per prompt: the shared fields, overridden by each sampling entry."""
+    if sampling is None:
+        return [SamplingParams(**shared)] * count
+    sampling = list(sampling)
+    if len(sampling) != count:
+        raise ValueError(f"sampling has {len(sampling)} entries for {count} prompts; "
+                         f"give one per prompt")
+    params = []
+    for entry in sampling:
+        if isinstance(entry, SamplingParams):
+            params.append(entry)
+        elif isinstance(entry, dict):
+            params.append(SamplingParams(**{**shared, **entry}))
+        else:
+            raise TypeError(f"each sampling entry must be a dict or SamplingParams, "
+                            f"got {type(entry).__name__}")
+    return params

@@ -1,43 +1,23 @@
-"""The paged KV cache: per-layer K/V pools of fixed-size blocks, a free-list allocator, and one
-block table per sequence. A sequence takes blocks as it grows and gives them back when it ends."""
+"""The paged KV cache: per-layer K/V pools of fixed-size blocks, a reference-counted block
+manager, and one block table per sequence. A sequence takes blocks as it grows, shares full
+blocks of a common prefix with other sequences, and gives its references back when it ends."""
 from __future__ import annotations
 
 import torch
 
+from runtime.block_manager import BlockManager, OutOfBlocksError, block_hash
 
-class OutOfBlocksError(RuntimeError):
-    """The cache has no free block left for a sequence that needs one."""
-
-
-class BlockAllocator:
-    def __init__(self, num_blocks: int):
-        self.num_blocks = num_blocks
-        # a stack: the most recently freed block is reused first, while it is still warm in cache
-        self._free = list(range(num_blocks - 1, -1, -1))
-
-    @property
-    def num_free(self) -> int:
-        return len(self._free)
-
-    def allocate(self, count: int) -> list[int]:
-        if count > len(self._free):
-            raise OutOfBlocksError(
-                f"KV cache out of blocks: need {count}, {len(self._free)} free of "
-                f"{self.num_blocks}; raise kv_cache_tokens or shorten the batch")
-        taken = self._free[len(self._free) - count:][::-1]
-        del self._free[len(self._free) - count:]
-        return taken
-
-    def free(self, blocks: list[int]) -> None:
-        self._free.extend(reversed(blocks))
+__all__ = ["OutOfBlocksError", "PagedKVCache", "SequenceBlocks", "bytes_per_token"]
 
 
 class SequenceBlocks:
-    """One sequence's block table and the number of tokens whose K/V it holds."""
+    """One sequence's block table, the number of tokens whose K/V it holds, and the chained
+    hashes of its leading full blocks that are registered for sharing."""
 
     def __init__(self):
         self.blocks: list[int] = []
         self.num_tokens = 0
+        self.hashes: list[int] = []
 
 
 class PagedKVCache:
@@ -50,19 +30,30 @@ class PagedKVCache:
         shape = (num_blocks, block_size, n_kv_heads, head_dim)
         self.layers = [(torch.zeros(shape, dtype=dtype, device=d), torch.zeros(shape, dtype=dtype, device=d))
                        for d in layer_devices]
-        self.allocator = BlockAllocator(num_blocks)
+        self.allocator = BlockManager(num_blocks)
 
     @property
     def capacity_tokens(self) -> int:
         return self.num_blocks * self.block_size
 
+    @property
+    def bytes_per_block(self) -> int:
+        k, _ = self.layers[0]
+        return 2 * len(self.layers) * k[0].numel() * k.element_size()
+
+    def blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self.block_size)
+
     def blocks_needed(self, seq: SequenceBlocks, new_tokens: int) -> int:
-        total = seq.num_tokens + new_tokens
-        return max(0, -(-total // self.block_size) - len(seq.blocks))
+        return max(0, self.blocks_for(seq.num_tokens + new_tokens) - len(seq.blocks))
+
+    def grow(self, seq: SequenceBlocks, new_tokens: int) -> None:
+        """Give seq the blocks for new_tokens more without counting them yet (reserve will)."""
+        seq.blocks += self.allocator.allocate(self.blocks_needed(seq, new_tokens))
 
     def reserve(self, seq: SequenceBlocks, new_tokens: int) -> list[int]:
         """Grow seq's table to hold new_tokens more; returns their cache slots."""
-        seq.blocks += self.allocator.allocate(self.blocks_needed(seq, new_tokens))
+        self.grow(seq, new_tokens)
         start = seq.num_tokens
         seq.num_tokens += new_tokens
         bs = self.block_size
@@ -70,8 +61,37 @@ class PagedKVCache:
 
     def release(self, seq: SequenceBlocks) -> None:
         self.allocator.free(seq.blocks)
-        seq.blocks = []
-        seq.num_tokens = 0
+        seq.blocks, seq.num_tokens, seq.hashes = [], 0, []
+
+    # ---- prefix sharing ----------------------------------------------------------------
+    def share_prefix(self, seq: SequenceBlocks, token_ids: list[int]) -> int:
+        """Point an empty seq at the cached blocks of token_ids' longest cached full-block
+        prefix; returns how many tokens that covers. The last token is never covered, so there
+        is always one to compute (its logits pick the next token) and it never lands in a
+        shared block."""
+        assert not seq.blocks, "share_prefix needs a sequence without blocks"
+        bs, parent = self.block_size, None
+        for i in range((len(token_ids) - 1) // bs):
+            chunk = token_ids[i * bs:(i + 1) * bs]
+            h = block_hash(parent, chunk)
+            block = self.allocator.lookup(h, chunk)
+            if block is None:
+                break
+            self.allocator.share(block)
+            seq.blocks.append(block)
+            seq.hashes.append(h)
+            parent = h
+        seq.num_tokens = len(seq.blocks) * bs
+        return seq.num_tokens
+
+    def register_full_blocks(self, seq: SequenceBlocks, token_ids: list[int], upto: int) -> None:
+        """Offer seq's full blocks among its first `upto` tokens for sharing."""
+        bs = self.block_size
+        for i in range(len(seq.hashes), upto // bs):
+            chunk = token_ids[i * bs:(i + 1) * bs]
+            h = block_hash(seq.hashes[-1] if seq.hashes else None, chunk)
+            self.allocator.register(seq.blocks[i], h, chunk)
+            seq.hashes.append(h)
 
 
 def bytes_per_token(num_layers: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
