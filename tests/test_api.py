@@ -7,6 +7,7 @@ from api.inference import LlamaGenerator
 from api.model_source import UnknownFormatError
 from runtime.engine import PromptTooLongError
 from runtime.kv_cache import OutOfBlocksError
+from runtime.sampler import SamplingParams
 from tests.helpers.tiny_models import make_hf_llama
 from utils.checkpoint import CheckpointError
 from utils.hf_import import convert
@@ -142,3 +143,62 @@ def test_folder_with_other_files_is_refused(tmp_path):
     (tmp_path / "notes.txt").write_text("hi")
     with pytest.raises(CheckpointError, match="holds no model.json"):
         LlamaGenerator(str(tmp_path), device="cpu")
+
+
+def test_a_batch_larger_than_the_cache_waits_its_turn(model_dir, gen):
+    small = LlamaGenerator(model_dir, device="cpu", kv_cache_tokens=32)
+    prompts = ["Hello " * 5, "The capital of France is", "Once upon a time"] * 3
+    assert small.generate(prompts, max_new_tokens=4) == gen.generate(prompts, max_new_tokens=4)
+    assert small.cache.allocator.num_free == small.cache.num_blocks
+
+
+def test_per_request_sampling(gen):
+    prompts = ["Hello", "Once upon a time", "The capital"]
+    seeded = dict(temperature=1.0, top_k=50, seed=3, max_new_tokens=6)
+    texts = gen.generate(prompts, max_new_tokens=8,
+                         sampling=[{}, seeded, SamplingParams(max_new_tokens=2)])
+    assert texts[0] == gen.generate("Hello", max_new_tokens=8)
+    assert texts[1] == gen.generate("Once upon a time", **seeded)
+    assert texts[2] == gen.generate("The capital", max_new_tokens=2)
+
+
+def test_shared_keywords_apply_under_per_request_entries(gen):
+    stop = gen.generate("Hello", max_new_tokens=12)[2:4]
+    texts = gen.generate(["Hello", "Hello"], max_new_tokens=12, stop=[stop],
+                         sampling=[{}, {"stop": []}])
+    assert texts == [gen.generate("Hello", max_new_tokens=12, stop=[stop]),
+                     gen.generate("Hello", max_new_tokens=12)]
+
+
+@pytest.mark.parametrize("sampling, error, message", [
+    ([{}], ValueError, "sampling has 1 entries for 2 prompts; give one per prompt"),
+    ([{}, 0.5], TypeError, "each sampling entry must be a dict or SamplingParams, got float"),
+    ([{}, {"top_p": 0}], ValueError, "top_p must be in"),
+])
+def test_bad_per_request_sampling_is_refused(gen, sampling, error, message):
+    with pytest.raises(error, match=message):
+        gen.generate(["a", "b"], sampling=sampling)
+
+
+def test_progress_bar_off_when_stderr_is_not_a_terminal(gen, capsys):
+    gen.generate(["Hello"] * 8, max_new_tokens=2)
+    assert capsys.readouterr().err == ""
+    gen.generate(["Hello"] * 8, max_new_tokens=2, progress=True)
+    assert "8/8 requests, 16 tokens" in capsys.readouterr().err
+
+
+def test_scheduler_options_are_checked_at_construction(model_dir):
+    with pytest.raises(ValueError, match="max_num_seqs must be an integer >= 1, got 0"):
+        LlamaGenerator(model_dir, device="cpu", max_num_seqs=0)
+    small = LlamaGenerator(model_dir, device="cpu", max_num_batched_tokens=4, max_num_seqs=1)
+    assert small.new_scheduler().max_num_batched_tokens == 4
+    assert small.generate(["Hello", "The capital"], max_new_tokens=3) == \
+        [small.generate("Hello", max_new_tokens=3), small.generate("The capital", max_new_tokens=3)]
+
+
+def test_stream_shares_the_prefix_of_an_earlier_prompt(gen):
+    prompt = "Once upon a time there was a little llama who liked to run in the hills."
+    first = "".join(gen.stream(prompt, max_new_tokens=6))
+    assert "".join(gen.stream(prompt, max_new_tokens=6)) == first
+    assert gen.cache.allocator.num_cached > 0
+    assert gen.cache.allocator.num_free == gen.cache.num_blocks
