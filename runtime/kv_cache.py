@@ -45,7 +45,7 @@ class PagedKVCache:
         return -(-tokens // self.block_size)
 
     def blocks_needed(self, seq: SequenceBlocks, new_tokens: int) -> int:
-        return max(0, self.blocks_for(seq.num_tokens + new_tokens) - len(seq.blocks))
+        return max(0, -(-(seq.num_tokens + new_tokens) // self.block_size) - len(seq.blocks))
 
     def grow(self, seq: SequenceBlocks, new_tokens: int) -> None:
         """Give seq the blocks for new_tokens more without counting them yet (reserve will)."""
