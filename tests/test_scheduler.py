@@ -260,3 +260,34 @@ def _check_refs(cache, sched):
     for block in set(holders):
         assert cache.allocator.ref_count(block) == holders.count(block)
     assert cache.num_blocks - cache.allocator.num_free == len(set(holders))
+
+
+def test_the_newest_request_preempts_itself_when_it_alone_needs_a_block(model_dir):
+    small = LlamaGenerator(model_dir, device="cpu", kv_cache_tokens=64)   # 4 blocks
+    small.engine.eos_ids = set()
+    old, new = _prompts(1, 20, seed=14)[0], _prompts(1, 31, seed=15)[0]
+    want = [_alone(small, old, _params(5)), _alone(small, new, _params(4))]
+    sched = Scheduler(small.engine, prefix_caching=False)
+    seqs = [sched.add(small.engine.new_sequence(old, _params(5))),
+            sched.add(small.engine.new_sequence(new, _params(4)))]
+    for _ in sched.run():
+        pass
+    assert sched.num_preemptions == 1 and [s.output_ids for s in seqs] == want
+    _assert_no_leak(small.cache)
+
+
+def test_a_graph_step_greedy_tokens_are_used(gen, monkeypatch):
+    """On CUDA a decode-only step returns the graph's greedy tokens; plain greedy takes them."""
+    real = gen.engine.forward
+
+    def graph_like(seqs, tokens, *args, **kw):
+        logits, _ = real(seqs, tokens, *args, **kw)
+        return logits, torch.full((len(seqs),), 7)
+
+    monkeypatch.setattr(gen.engine, "forward", graph_like)
+    got, _ = _batched(gen, _prompts(2, 5, seed=16), _params(3))
+    assert got == [[7, 7, 7]] * 2
+
+
+def test_a_step_with_nothing_to_do(gen):
+    assert Scheduler(gen.engine).step() == []
