@@ -9,12 +9,12 @@ ends with the logits and the greedy tokens on the device.
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from graph.llama import BatchMeta, LlamaModel
 from kernels.argmax import argmax
 from runtime.kv_cache import PagedKVCache
+from runtime.prefill_graphs import PrefillGraphs
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 IDS, POSITIONS, SLOTS, SEQ_LENS, TABLES = 0, 1, 2, 3, 4   # columns of the packed input
@@ -75,6 +75,19 @@ class DecodeGraphs:
                        for d in model.devices}
         self.by_bucket: dict[int, _BucketGraphs] = {}
         self.pools: dict[torch.device, object] = {}
+        # one prompt's prefill as a graph too, where the model is in one segment
+        self.prefill = (PrefillGraphs(model, cache, self.max_seq_len)
+                        if len(model.segments) == 1 else None)
+
+    def run_batch(self, ids, positions, slots, seq_lens, tables, query_lens):
+        """The step as a graph where one fits: every sequence decoding one token, or a single
+        sequence prefilling up to the largest prefill bucket. None: run it eagerly."""
+        if max(query_lens) == 1 and self.bucket_for(len(ids)) is not None:
+            return self.run(ids, positions, slots, seq_lens, tables)
+        if len(query_lens) == 1 and self.prefill is not None \
+                and self.prefill.bucket_for(len(ids)) is not None:
+            return self.prefill.run(ids, positions, slots, seq_lens[0], tables[0])
+        return None
 
     @property
     def graphs(self) -> dict[int, _BucketGraphs]:

@@ -74,10 +74,13 @@ class Engine:
         each sequence [B, vocab], or every row [T, vocab] when all_logits) and, when the step ran
         as a CUDA graph, its greedy tokens [B] (else None)."""
         batch = self._gather(seqs, new_tokens)
-        if self.graphs is not None and not all_logits and batch["max_query_len"] == 1 \
-                and self.graphs.bucket_for(len(seqs)) is not None:
-            return self.graphs.run(batch["ids"], batch["positions"], batch["slots"],
-                                   batch["lens"], [s.blocks.blocks for s in seqs])
+        if self.graphs is not None and not all_logits:
+            starts = batch["starts"]
+            ran = self.graphs.run_batch(batch["ids"], batch["positions"], batch["slots"],
+                                        batch["lens"], [s.blocks.blocks for s in seqs],
+                                        [b - a for a, b in zip(starts, starts[1:])])
+            if ran is not None:
+                return ran
         return self._forward_eager(seqs, batch, all_logits), None
 
     def _gather(self, seqs, new_tokens) -> dict:

@@ -97,6 +97,19 @@ def test_split_on_one_gpu_equals_unsplit(hf_and_dir):
     assert split.generate_ids(ids, 16) == one.generate_ids(ids, 16)
 
 
+def test_prefill_graph_logits_equal_eager(hf_and_dir):
+    """A prompt prefilled as a padded CUDA graph (bucket 128) gives the eager logits."""
+    from runtime.sampler import SamplingParams
+    _, model_dir = hf_and_dir
+    graphs = LlamaGenerator(model_dir, device="cuda", dtype="float32").engine
+    eager = LlamaGenerator(model_dir, device="cuda", dtype="float32", cuda_graphs=False).engine
+    prompt = _ids(100, seed=8)
+    got = [e.forward([e.new_sequence(prompt, SamplingParams())], [prompt])[0]
+           for e in (graphs, eager)]
+    assert 128 in graphs.graphs.prefill.graphs
+    assert _rel(got[0], got[1]) < 1e-5
+
+
 def test_graphs_per_segment_equal_one_graph(hf_and_dir):
     """A split model gets one decode graph per device segment; two segments on one GPU must
     give the tokens of the unsplit model."""
