@@ -98,10 +98,11 @@ class Scheduler:
         if not seqs:
             return []
         params = [s.params for s in seqs]
-        if greedy is not None and all_plain_greedy(params):
-            return greedy.tolist()   # a CUDA-graph step: every row is a decode
-        if len(rows) < batch:
+        if len(rows) < batch:   # a one-token step may hold a mid-prompt chunk of one token
             logits = logits[rows]
+            greedy = greedy[rows] if greedy is not None else None
+        if greedy is not None and all_plain_greedy(params):
+            return greedy.tolist()   # a CUDA-graph step computed them already
         histories = [s.all_ids if s.params.repetition_penalty != 1.0 else [] for s in seqs]
         return sample(logits, params, histories, [s.generator for s in seqs]).tolist()
 

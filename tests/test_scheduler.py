@@ -291,3 +291,20 @@ def test_a_graph_step_greedy_tokens_are_used(gen, monkeypatch):
 
 def test_a_step_with_nothing_to_do(gen):
     assert Scheduler(gen.engine).step() == []
+
+
+def test_graph_tokens_of_a_mid_prompt_row_are_not_taken(gen, monkeypatch):
+    real = gen.engine.forward
+
+    def graph_like(seqs, tokens, *args, **kw):
+        logits, _ = real(seqs, tokens, *args, **kw)
+        return logits, torch.arange(len(seqs)) + 100
+
+    monkeypatch.setattr(gen.engine, "forward", graph_like)
+    sched = Scheduler(gen.engine, max_num_batched_tokens=2)
+    a = sched.add(gen.engine.new_sequence([5], _params(3)))
+    b = sched.add(gen.engine.new_sequence([6, 7, 8], _params(1)))
+    assert sched.step() == [(a, 100)]                  # a's prompt, then b's first token
+    assert sched.step() == [(a, 100)]                  # row 1 is b mid-prompt: not sampled
+    assert sched.step() == [(a, 100), (b, 101)]
+    sched.abort_all()
