@@ -8,6 +8,7 @@ import torch
 
 from api.model_source import resolve_model_dir
 from api.stop_text import StopTextFilter
+from graph.config import parse_dtype
 from graph.llama import LlamaModel
 from runtime.engine import Engine, Sequence, make_decode_graphs
 from runtime.kv_cache import PagedKVCache
@@ -21,18 +22,7 @@ from utils.checkpoint import load_native
 from utils.tokenizer import Tokenizer
 
 BLOCK_SIZE = 16
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
-          "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16}
 _said_cpu_fallback = False
-
-
-def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
-        return dtype
-    if isinstance(dtype, str) and dtype in DTYPES:
-        return DTYPES[dtype]
-    raise ValueError(f"unsupported dtype {dtype!r}; use float32, float16 or bfloat16")
 
 
 def _pick_device(device: str | None) -> torch.device:

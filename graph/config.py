@@ -5,6 +5,8 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 
+import torch
+
 
 class ConfigError(ValueError):
     """A config the engine cannot run; the message names the offending key."""
@@ -12,6 +14,18 @@ class ConfigError(ValueError):
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """A run or storage dtype from its name ("bfloat16", "bf16", ...) or a torch dtype."""
+    if isinstance(dtype, torch.dtype) and dtype in TORCH_DTYPES.values():
+        return dtype
+    name = DTYPE_ALIASES.get(dtype, dtype) if isinstance(dtype, str) else None
+    if name in TORCH_DTYPES:
+        return TORCH_DTYPES[name]
+    raise ConfigError(f"unsupported dtype {dtype!r}; use one of {', '.join(TORCH_DTYPES)}")
 
 
 @dataclass

@@ -156,3 +156,12 @@ def test_matches_transformers_written_config(tmp_path):
     assert c.rope_theta == 321.0 and c.rope_type == "llama3" and c.tie_word_embeddings
     assert c.eos_token_id == [5, 6]
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "llama"
+
+
+def test_parse_dtype_names_aliases_and_torch_dtypes():
+    import torch
+    from graph.config import parse_dtype
+    assert parse_dtype("bf16") is torch.bfloat16 and parse_dtype("half") is torch.float16
+    assert parse_dtype(torch.float32) is torch.float32
+    with pytest.raises(ConfigError, match="unsupported dtype 'int4'; use one of float32"):
+        parse_dtype("int4")

@@ -95,7 +95,7 @@ def test_dtype_cast(tmp_path, dtype):
     assert config.torch_dtype == str(parse_dtype(dtype)).removeprefix("torch.")
 
 
-@pytest.mark.parametrize("dtype", ["int8", "fp16", torch.float64, 3])
+@pytest.mark.parametrize("dtype", ["int8", "float8", torch.float64, 3])
 def test_bad_dtype(tmp_path, dtype):
     make_hf_llama(tmp_path, tokenizer=False)
     with pytest.raises(HFImportError, match="unsupported dtype .*float32, float16, bfloat16"):

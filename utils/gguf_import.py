@@ -18,11 +18,10 @@ import tempfile
 import numpy as np
 import torch
 
-from graph.config import LlamaConfig
+from graph.config import TORCH_DTYPES as DTYPES, LlamaConfig
 from utils.checkpoint import CONFIG_FILE, save_native
 from utils.gguf_tokenizer import end_of_generation_ids, write_tokenizer_files
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SOURCE_KEY = "gguf_source"  # model.json entry recording which file (size, mtime) was converted
 
 # GGUF tensor name -> native name; q/k/v and gate/up are fused afterwards

@@ -18,14 +18,14 @@ from collections.abc import Mapping
 
 import torch
 
-from graph.config import ConfigError, LlamaConfig
+from graph.config import TORCH_DTYPES as DTYPES, ConfigError, LlamaConfig
+from graph.config import parse_dtype as config_parse_dtype
 from utils.checkpoint import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, save_native
 from utils.hf_weights import HFImportError, LazyWeights, find_weight_files
 
 HF_CONFIG = "config.json"
 # Bump when the native output of the same source would differ: forces a re-conversion.
 FORMAT_VERSION = 1
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 # ---- name mapping ---------------------------------------------------------------------------
@@ -107,11 +107,10 @@ def hf_to_native(hf_state_dict: Mapping[str, torch.Tensor], config: LlamaConfig,
 
 # ---- conversion with re-use -----------------------------------------------------------------
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
-        return dtype
-    if isinstance(dtype, str) and dtype in DTYPES:
-        return DTYPES[dtype]
-    raise HFImportError(f"unsupported dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    try:
+        return config_parse_dtype(dtype)
+    except ConfigError as e:
+        raise HFImportError(str(e)) from None
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
