@@ -13,6 +13,7 @@ from runtime.engine import Engine, make_decode_graphs
 from runtime.kv_budget import default_kv_cache_tokens
 from runtime.kv_cache import PagedKVCache
 from runtime.sampler import SamplingParams
+from runtime.scheduler import Scheduler
 
 BLOCK_SIZE = 16
 
@@ -27,13 +28,21 @@ def build_engine(config, device, cuda_graphs=True, dtype=torch.bfloat16):
     return Engine(model, cache, eos_ids=[], graphs=graphs)
 
 
-def decode_tokens_per_s(engine, prompt_len=16, new_tokens=128, batch=1, seed=0) -> float:
-    """Decode steps per second after the prefill (the first token comes from prefill)."""
+def decode_tokens_per_s(engine, prompt_len=16, new_tokens=128, batch=1, seed=0,
+                        through_scheduler=False) -> float:
+    """Decode steps per second after the prefill (the first token comes from prefill), through
+    the engine's plain loop or through the scheduler that LlamaGenerator uses."""
     vocab = engine.model.config.vocab_size
     g = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(0, vocab, (prompt_len,), generator=g).tolist() for _ in range(batch)]
     seqs = [engine.new_sequence(p, SamplingParams(max_new_tokens=new_tokens)) for p in prompts]
-    steps = engine.generate(seqs)
+    if through_scheduler:
+        scheduler = Scheduler(engine)
+        for seq in seqs:
+            scheduler.add(seq)
+        steps = scheduler.run()
+    else:
+        steps = engine.generate(seqs)
     next(steps)
     sync(engine.model.first_device)
     start = time.perf_counter()
@@ -76,6 +85,7 @@ def measure(config, device, cuda_graphs=True) -> dict:
     decode_tokens_per_s(engine, new_tokens=8)  # warm-up: autotune, compile, graph capture
     result = {"build_s": build_s,
               "decode": decode_tokens_per_s(engine),
+              "decode_scheduler": decode_tokens_per_s(engine, through_scheduler=True),
               "prefill": prefill_tokens_per_s(engine),
               "replay_ms": graph_replay_ms(engine),
               "peak_gb": torch.cuda.max_memory_allocated(device) / 1e9,
