@@ -12,7 +12,9 @@ from .dispatch import use_triton
 def _gather_kv(cache, table, length):
     block_size = cache.shape[1]
     n_blocks = (length + block_size - 1) // block_size
-    return cache[table[:n_blocks].long()].flatten(0, 1)[:length]  # [length, n_kv, hd]
+    # index_select takes the int32 table as it is and costs half of advanced indexing here,
+    # which matters on the CPU, where this runs twice per layer per decoded token
+    return cache.index_select(0, table[:n_blocks]).flatten(0, 1)[:length]  # [length, n_kv, hd]
 
 
 def paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,

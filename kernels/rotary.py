@@ -59,9 +59,13 @@ def rotary_cache_write_ref(q, k, v, positions, cos, sin, k_cache, v_cache, slot_
     k_rot = _rotate(k, c, s).to(k_cache.dtype)
     n_kv, hd = k_cache.shape[-2], k_cache.shape[-1]
     slots = slot_mapping.long()
-    keep = slots >= 0  # negative slots mark padded rows (CUDA-graph batches): nothing is written
-    k_cache.view(-1, n_kv, hd)[slots[keep]] = k_rot[keep]
-    v_cache.view(-1, n_kv, hd)[slots[keep]] = v[keep].to(v_cache.dtype)
+    v = v.to(v_cache.dtype)
+    if bool((slots < 0).any()):  # negative slots mark padded rows: nothing is written for them
+        keep = slots >= 0
+        slots, k_rot, v = slots[keep], k_rot[keep], v[keep]
+    # index_copy_ rather than masked assignment: on the CPU this op runs once per layer per token
+    k_cache.view(-1, n_kv, hd).index_copy_(0, slots, k_rot)
+    v_cache.view(-1, n_kv, hd).index_copy_(0, slots, v)
 
 
 @triton.jit
