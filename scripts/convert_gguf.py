@@ -5,7 +5,6 @@ Errors end in one line on stderr and exit status 2.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -13,18 +12,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from graph.config import ConfigError  # noqa: E402
 from utils.checkpoint import CheckpointError  # noqa: E402
+from utils.cli import OneLineParser  # noqa: E402
 from utils.gguf_import import DTYPES, GGUFError, convert_gguf  # noqa: E402
 from utils.tokenizer import TokenizerError  # noqa: E402
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message):
-        print(f"error: {message}", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = _OneLineParser(prog="python scripts/convert_gguf.py",
+    parser = OneLineParser(prog="python scripts/convert_gguf.py",
                             description="Convert a llama.cpp GGUF file (Llama architecture) to "
                                         "the native format.")
     parser.add_argument("gguf", metavar="FILE.gguf", help="the GGUF file")

@@ -9,7 +9,6 @@ dtype stay the same. `transformers` is never imported.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -21,6 +20,7 @@ import torch
 from graph.config import TORCH_DTYPES as DTYPES, ConfigError, LlamaConfig
 from graph.config import parse_dtype as config_parse_dtype
 from utils.checkpoint import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, save_native
+from utils.cli import OneLineParser
 from utils.hf_weights import HFImportError, LazyWeights, find_weight_files
 
 HF_CONFIG = "config.json"
@@ -180,14 +180,8 @@ def convert(hf_dir: str, dtype: str | torch.dtype | None = None) -> str:
 
 
 # ---- command line ---------------------------------------------------------------------------
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message):
-        print(f"error: {message}", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = _OneLineParser(prog="python -m utils.hf_import",
+    parser = OneLineParser(prog="python -m utils.hf_import",
                             description="Convert a Hugging Face Llama checkpoint to the native "
                                         "format (model.json + state_dict.pt beside it).")
     parser.add_argument("hf_dir", metavar="HF_DIR", help="folder holding config.json and weights")
