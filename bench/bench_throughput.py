@@ -64,6 +64,20 @@ def run_ours(engine, prompts: list[list[int]], new_tokens: int, **scheduler_opti
             "peak_blocks": scheduler.peak_blocks_in_use, "preemptions": scheduler.num_preemptions}
 
 
+def measure_setting(engine, setting: str, count: int, new_tokens: int,
+                    **scheduler_options) -> tuple[dict, list[list[int]]]:
+    """The setting's row and prompts: an untimed run of the very same requests, then the timed
+    one. Equal prompt lengths give the timed run the warm-up's schedule step for step, so it
+    meets no batch shape for the first time: a new decode bucket costs seconds of Triton
+    autotuning, compilation and CUDA-graph capture. (A warm-up on other lengths left bucket 32
+    to the timed run of setting (b) and made it look 10x slower than (a).) run_ours forgets the
+    warm-up's prefix blocks, so the timed run computes every prompt again."""
+    prompts = make_requests(setting, engine.model.config.vocab_size, count)
+    run_ours(engine, prompts, new_tokens, **scheduler_options)
+    row = {"setting": setting, **run_ours(engine, prompts, new_tokens, **scheduler_options)}
+    return row, prompts
+
+
 def run_hf(model, prompts: list[list[int]], new_tokens: int, batch: int) -> dict:
     """transformers' generate, eager, on left-padded batches of `batch` prompts."""
     from bench.timing import sync
@@ -103,10 +117,7 @@ def measure_shape(config, device, settings, count, new_tokens, hf_batch, schedul
                                 config.head_dim, torch.bfloat16)
     rows = []
     for setting in settings:
-        prompts = make_requests(setting, config.vocab_size, count)
-        run_ours(engine, make_requests(setting, config.vocab_size, count, seed=1), new_tokens,
-                 **scheduler_options)   # warm-up: autotuning, compilation, graph capture
-        row = {"setting": setting, **run_ours(engine, prompts, new_tokens, **scheduler_options)}
+        row, prompts = measure_setting(engine, setting, count, new_tokens, **scheduler_options)
         row.update(kv_memory([len(p) for p in prompts], new_tokens, row["peak_blocks"],
                              engine.cache.bytes_per_block, per_token,
                              config.max_position_embeddings))

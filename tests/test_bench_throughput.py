@@ -44,3 +44,27 @@ def test_tiny_runs_and_table(tmp_path):
     assert "transformers eager" in bt.row_line(row)
     table = bt.table([("tiny", row)])
     assert table.splitlines()[2].startswith("| tiny | 256 x (32..512 prompt + 128 new) |")
+
+
+def test_the_warm_up_runs_the_timed_schedule_step_for_step(tmp_path, monkeypatch):
+    """Issue 7's setting (b) looked 10x slower than (a) because its warm-up used other prompt
+    lengths, so the timed run met a decode batch bucket (32) for the first time and paid its
+    autotuning and graph capture. The warm-up must run every step shape the timed run will."""
+    from api.inference import LlamaGenerator
+    make_hf_llama(tmp_path, max_positions=1024)
+    gen = LlamaGenerator(convert(str(tmp_path)), device="cpu", kv_cache_tokens=8192)
+    gen.engine.eos_ids = set()
+    steps, real = [], gen.engine.forward
+
+    def record(seqs, tokens, *args, **kw):
+        steps.append([len(t) for t in tokens])   # the step's shape: tokens per sequence
+        return real(seqs, tokens, *args, **kw)
+
+    monkeypatch.setattr(gen.engine, "forward", record)
+    row, prompts = bt.measure_setting(gen.engine, "b", count=12, new_tokens=3,
+                                      max_num_batched_tokens=1024)
+    assert row["setting"] == "b" and row["generated"] == 36
+    assert [len(p) for p in prompts] == [len(p) for p in bt.make_requests("b", 320, 12)]
+    half = len(steps) // 2
+    # identical halves: same lengths, and no prefix of the warm-up reused by the timed run
+    assert len(steps) == 2 * half and steps[:half] == steps[half:]
