@@ -156,7 +156,19 @@ def _launch_decode(x, weight, out, split, k_per_split):
                                                              out.stride(0), BLOCK=REDUCE_BLOCK)
 
 
-@triton.autotune(configs=_prefill_configs(), key=["M_BUCKET", "N", "K"])
+def _fp32_prefill_prune(configs, named_args, **kwargs):
+    """fp32 (exact-match runs only) gets the mid-size tiles: the big ones overflow shared
+    memory or take ~10 s each to compile as FMA loops, and the autotuner compiles them all."""
+    if named_args["x_ptr"].element_size() < 4:
+        return configs
+    small = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 128
+             and c.kwargs["BLOCK_K"] * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * 4
+             * c.num_stages <= 160 * 1024]
+    return small or configs[-1:]
+
+
+@triton.autotune(configs=_prefill_configs(), key=["M_BUCKET", "N", "K"],
+                 prune_configs_by={"early_config_prune": _fp32_prefill_prune})
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
 @triton.jit
 def _prefill_linear_kernel(x_ptr, w_ptr, out_ptr, M, N, K, M_BUCKET, sxm, swn, som,

@@ -73,3 +73,10 @@ def test_linear_public_dispatch(monkeypatch):
     monkeypatch.setattr(mod, "linear_triton", lambda *a: pytest.fail("Triton on a CPU tensor"))
     x, w = torch.randn(2, 8), torch.randn(4, 8)
     assert torch.equal(linear(x, w), x @ w.T)
+
+
+def test_fp32_prefill_keeps_only_mid_size_tiles():
+    configs = linear_mod._prefill_configs()
+    fp32 = linear_mod._fp32_prefill_prune(configs, {"x_ptr": torch.zeros(1)})
+    assert fp32 and all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 128 for c in fp32)
+    assert linear_mod._fp32_prefill_prune(configs, {"x_ptr": torch.zeros(1).half()}) == configs
