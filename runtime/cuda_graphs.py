@@ -1,7 +1,8 @@
 """Decode steps captured as CUDA graphs, one per batch-size bucket, replayed with new inputs.
 
 A graph bakes in every tensor address and launch grid, so the inputs live in static buffers that
-each step refills with one host-to-device copy per device, the attention grid depends only on the
+each step refills with one host-to-device copy per device (of the block-table columns in use
+only: the tables are as wide as the longest context, 8192 blocks at 128k tokens), the attention grid depends only on the
 fixed max_seq_len, and a batch smaller than its bucket is padded with dummy rows that write into a
 scratch block reserved for them. A model split over several GPUs gets one graph per device
 segment; the hidden state crosses between segments as a copy between replays. The last segment
@@ -17,15 +18,17 @@ from runtime.kv_cache import PagedKVCache
 from runtime.prefill_graphs import PrefillGraphs
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-IDS, POSITIONS, SLOTS, SEQ_LENS, TABLES = 0, 1, 2, 3, 4   # columns of the packed input
+IDS, POSITIONS, SLOTS, SEQ_LENS, TABLES = 0, 1, 2, 3, 4   # rows of the packed input
 
 
 class _DeviceInputs:
     """One device's static copy of the step inputs, unpacked into the contiguous tensors the
-    kernels want (by the graph's first nodes, so the replay does the unpacking)."""
+    kernels want (by the graph's first nodes, so the replay does the unpacking). Packed is
+    [field, sequence]: ids, positions, slots, lengths, then one row per block-table column, so
+    the columns a step uses are one contiguous prefix of it."""
 
     def __init__(self, device: torch.device, rows: int, width: int, max_blocks: int):
-        self.packed = torch.zeros((rows, width), dtype=torch.int64, device=device)
+        self.packed = torch.zeros((width, rows), dtype=torch.int64, device=device)
         self.ids = torch.zeros(rows, dtype=torch.int64, device=device)
         self.positions = torch.zeros(rows, dtype=torch.int64, device=device)
         self.slots = torch.zeros(rows, dtype=torch.int64, device=device)
@@ -34,11 +37,11 @@ class _DeviceInputs:
         self.query_start_loc = torch.arange(rows + 1, dtype=torch.int32, device=device)
 
     def unpack(self, bucket: int) -> None:
-        packed = self.packed[:bucket]
-        for column, buffer in ((IDS, self.ids), (POSITIONS, self.positions), (SLOTS, self.slots),
-                               (SEQ_LENS, self.seq_lens)):
-            buffer[:bucket].copy_(packed[:, column])
-        self.tables[:bucket].copy_(packed[:, TABLES:])
+        packed = self.packed[:, :bucket]
+        for field, buffer in ((IDS, self.ids), (POSITIONS, self.positions), (SLOTS, self.slots),
+                              (SEQ_LENS, self.seq_lens)):
+            buffer[:bucket].copy_(packed[field])
+        self.tables[:bucket].copy_(packed[TABLES:].t())
 
     def meta(self, bucket: int, max_seq_len: int) -> BatchMeta:
         return BatchMeta(positions=self.positions[:bucket], slot_mapping=self.slots[:bucket],
@@ -69,11 +72,14 @@ class DecodeGraphs:
         max_blocks = -(-self.max_seq_len // cache.block_size)
         self.scratch_block = cache.allocator.allocate(1)[0]
         width = TABLES + max_blocks
-        self.host = torch.zeros((self.max_batch, width), dtype=torch.int64).pin_memory()
+        self.host = torch.zeros((width, self.max_batch), dtype=torch.int64).pin_memory()
         self.host_np = self.host.numpy()   # numpy writes cost far less per step than torch's
         self.inputs = {d: _DeviceInputs(d, self.max_batch, width, max_blocks)
                        for d in model.devices}
         self.by_bucket: dict[int, _BucketGraphs] = {}
+        # one per device: the last copy out of self.host, which the next step must not overwrite
+        # before it has run (a caller need not read the results between steps)
+        self.uploaded = {d: torch.cuda.Event() for d in model.devices}
         self.pools: dict[torch.device, object] = {}
         # one prompt's prefill as a graph too, where the model is in one segment
         self.prefill = (PrefillGraphs(model, cache, self.max_seq_len)
@@ -113,8 +119,9 @@ class DecodeGraphs:
         return hidden, residual, (logits, argmax(logits))
 
     def capture(self, bucket: int) -> None:
+        self._wait_for_uploads()
         self._fill_padding(0, bucket)
-        self._upload(bucket)
+        self._upload(self.host.shape[0])
         made = _BucketGraphs()
         hidden = residual = None
         for index, (device, _, _) in enumerate(self.model.segments):
@@ -144,16 +151,24 @@ class DecodeGraphs:
         return result
 
     # ---- replay ------------------------------------------------------------------------
-    def _fill_padding(self, start: int, bucket: int) -> None:
-        rows = self.host_np[start:bucket]
-        rows[:] = 0
-        rows[:, SLOTS] = self.scratch_block * self.cache.block_size
-        rows[:, SEQ_LENS] = 1
-        rows[:, TABLES:] = self.scratch_block
+    def _wait_for_uploads(self) -> None:
+        for event in self.uploaded.values():
+            event.synchronize()
 
-    def _upload(self, bucket: int) -> None:
-        for inputs in self.inputs.values():
-            inputs.packed[:bucket].copy_(self.host[:bucket], non_blocking=True)
+    def _fill_padding(self, start: int, bucket: int) -> None:
+        # a padding row has length 1: attention reads its first table entry and nothing more
+        rows = self.host_np[:TABLES + 1, start:bucket]
+        rows[:] = 0
+        rows[SLOTS] = self.scratch_block * self.cache.block_size
+        rows[SEQ_LENS] = 1
+        rows[TABLES] = self.scratch_block
+
+    def _upload(self, fields: int) -> None:
+        """Copy the first `fields` rows of the packed input: table columns past the longest
+        table of this step are stale on the device, and no kernel reads them."""
+        for device, inputs in self.inputs.items():
+            inputs.packed[:fields].copy_(self.host[:fields], non_blocking=True)
+            self.uploaded[device].record(torch.cuda.current_stream(device))
 
     def run(self, token_ids: list[int], positions: list[int], slots: list[int],
             seq_lens: list[int], tables: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,15 +177,16 @@ class DecodeGraphs:
         bucket = self.bucket_for(batch)
         if bucket not in self.by_bucket:
             self.capture(bucket)
+        self._wait_for_uploads()
         host = self.host_np
-        host[:batch, IDS] = token_ids
-        host[:batch, POSITIONS] = positions
-        host[:batch, SLOTS] = slots
-        host[:batch, SEQ_LENS] = seq_lens
+        host[IDS, :batch] = token_ids
+        host[POSITIONS, :batch] = positions
+        host[SLOTS, :batch] = slots
+        host[SEQ_LENS, :batch] = seq_lens
         for row, table in enumerate(tables):
-            host[row, TABLES:TABLES + len(table)] = table
+            host[TABLES:TABLES + len(table), row] = table
         self._fill_padding(batch, bucket)
-        self._upload(bucket)
+        self._upload(TABLES + max(1, max(map(len, tables))))
         made = self.by_bucket[bucket]
         for index, graph in enumerate(made.graphs):
             if index:

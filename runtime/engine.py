@@ -72,7 +72,8 @@ class Engine:
                 all_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Append new_tokens[i] to seqs[i] and run them. Returns float32 logits (the last row of
         each sequence [B, vocab], or every row [T, vocab] when all_logits) and, when the step ran
-        as a CUDA graph, its greedy tokens [B] (else None)."""
+        as a CUDA graph, its greedy tokens [B] (else None). A graph's outputs are its static
+        buffers: they hold this step's values until the next step runs."""
         batch = self._gather(seqs, new_tokens)
         if self.graphs is not None and not all_logits:
             starts = batch["starts"]

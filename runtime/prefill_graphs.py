@@ -40,6 +40,7 @@ class PrefillGraphs:
         self.query_start_loc = torch.zeros(2, dtype=torch.int32, device=dev)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self.pool = None
+        self.uploaded = torch.cuda.Event()  # the last copy out of the pinned host buffers
 
     def bucket_for(self, tokens: int) -> int | None:
         return next((b for b in self.buckets if b >= tokens), None)
@@ -73,6 +74,9 @@ class PrefillGraphs:
         self.graphs[bucket] = (graph, logits, tokens)
 
     def _fill(self, ids, positions, slots, seq_len, table, bucket) -> None:
+        # the previous step's copy may still be queued behind its replay: a caller that does
+        # not read the results between steps would otherwise have it upload this step's data
+        self.uploaded.synchronize()
         n = len(ids)
         tokens = self.tokens_np
         tokens[IDS, :n], tokens[POSITIONS, :n], tokens[SLOTS, :n] = ids, positions, slots
@@ -83,6 +87,7 @@ class PrefillGraphs:
     def _upload(self) -> None:
         self.tokens.copy_(self.host_tokens, non_blocking=True)
         self.seq.copy_(self.host_seq, non_blocking=True)
+        self.uploaded.record()
 
     def run(self, ids: list[int], positions: list[int], slots: list[int], seq_len: int,
             table: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

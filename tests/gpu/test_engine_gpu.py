@@ -49,10 +49,12 @@ def test_fp32_greedy_equals_cpu(hf_and_dir):
 
 
 def test_graph_and_eager_decode_give_the_same_tokens(hf_and_dir):
+    # fp32: the graph's attention is split for its fixed max length and eager's for the real
+    # one, a different summation order that can flip a near-tie greedy token in bf16
     _, model_dir = hf_and_dir
     prompts = [_ids(n, seed=n) for n in (5, 40, 17)]
-    graphs = LlamaGenerator(model_dir, device="cuda", dtype="bfloat16")
-    eager = LlamaGenerator(model_dir, device="cuda", dtype="bfloat16", cuda_graphs=False)
+    graphs = LlamaGenerator(model_dir, device="cuda", dtype="float32")
+    eager = LlamaGenerator(model_dir, device="cuda", dtype="float32", cuda_graphs=False)
     assert graphs.engine.graphs is not None and eager.engine.graphs is None
     for p in prompts:
         assert graphs.generate_ids(p, 32) == eager.generate_ids(p, 32)
@@ -67,9 +69,10 @@ def test_batch_logits_match_alone(hf_and_dir):
 
     def run(batch):
         seqs = [engine.new_sequence(p, SamplingParams()) for p in batch]
-        steps = [engine.forward(seqs, [p for p in batch])[0]]
+        # a graph returns its static logits buffer, which the next replay overwrites: copy
+        steps = [engine.forward(seqs, [p for p in batch])[0].clone()]
         for _ in range(3):
-            steps.append(engine.forward(seqs, [[7]] * len(seqs))[0])
+            steps.append(engine.forward(seqs, [[7]] * len(seqs))[0].clone())
         for s in seqs:
             engine.finish(s, "stop")
         return torch.stack(steps, 1)  # [B, steps, vocab]
