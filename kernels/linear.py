@@ -20,7 +20,23 @@ DECODE_MAX_ROWS = 16
 
 
 def linear_ref(x, weight):
+    if weight.dim() == 3:
+        return _linear_parts(x, weight)
     return torch.nn.functional.linear(x, weight)
+
+
+def cpu_layout(weight: torch.Tensor, parts: int) -> torch.Tensor:
+    """[N, K] -> [parts, K, N / parts]: the output rows cut into `parts` chunks, each stored
+    K-major. Measured on 2 cores (bench/RESULTS.md, 2026-11-25): MKL runs a one-row GEMV on one
+    core (17-27 GB/s), while a bmm over the chunks runs one chunk per core (30-45 GB/s)."""
+    n, k = weight.shape
+    return weight.reshape(parts, n // parts, k).transpose(1, 2).contiguous()
+
+
+def _linear_parts(x, weight):
+    parts, k, n = weight.shape
+    out = torch.bmm(x.expand(parts, *x.shape), weight)   # [parts, T, n]
+    return out.transpose(0, 1).reshape(x.shape[0], parts * n)
 
 
 def _decode_configs():

@@ -43,20 +43,20 @@ def rope_tables(head_dim, max_positions, theta, scaling=None, device=None):
     return freqs.cos(), freqs.sin()
 
 
-def _rotate(x, cos, sin):
-    # x [T, heads, hd] -> fp32 rotated copy; cos/sin [T, hd/2]
-    half = x.shape[-1] // 2
+def _rotate(x, cos_full, sin_signed):
+    # x [T, heads, hd] -> fp32 rotated copy: (x1 c - x2 s, x2 c + x1 s) as x * [c, c] +
+    # roll(x) * [-s, s], the same products and sums in fewer ops (this runs per layer per token
+    # on the CPU, where each op's fixed cost is the price)
     xf = x.float()
-    x1, x2 = xf[..., :half], xf[..., half:]
-    c, s = cos[:, None, :], sin[:, None, :]
-    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+    return xf * cos_full + xf.roll(x.shape[-1] // 2, -1) * sin_signed
 
 
 def rotary_cache_write_ref(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping):
     pos = positions.long()
     c, s = cos[pos], sin[pos]
-    q.copy_(_rotate(q, c, s).to(q.dtype))
-    k_rot = _rotate(k, c, s).to(k_cache.dtype)
+    cos_full, sin_signed = torch.cat((c, c), -1)[:, None], torch.cat((-s, s), -1)[:, None]
+    q.copy_(_rotate(q, cos_full, sin_signed))
+    k_rot = _rotate(k, cos_full, sin_signed).to(k_cache.dtype)
     n_kv, hd = k_cache.shape[-2], k_cache.shape[-1]
     slots = slot_mapping.long()
     v = v.to(v_cache.dtype)

@@ -80,3 +80,13 @@ def test_fp32_prefill_keeps_only_mid_size_tiles():
     fp32 = linear_mod._fp32_prefill_prune(configs, {"x_ptr": torch.zeros(1)})
     assert fp32 and all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 128 for c in fp32)
     assert linear_mod._fp32_prefill_prune(configs, {"x_ptr": torch.zeros(1).half()}) == configs
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3])
+@pytest.mark.parametrize("T", [1, 5])
+def test_cpu_layout_gives_the_plain_product(parts, T):
+    # the CPU stores weights as `parts` K-major chunks of output rows; the product is unchanged
+    w, x = torch.randn(12, 40, dtype=torch.float64), torch.randn(T, 40, dtype=torch.float64)
+    packed = linear_mod.cpu_layout(w, parts)
+    assert packed.shape == (parts, 40, 12 // parts) and packed.is_contiguous()
+    assert torch.allclose(linear_ref(x, packed), x @ w.T, rtol=1e-12, atol=1e-12)
