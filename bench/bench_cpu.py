@@ -6,6 +6,7 @@ the same weights, on a fixed number of threads:
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -84,15 +85,27 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--model", default=None, help="default: SmolLM2-135M-Instruct")
     parser.add_argument("--no-hf", action="store_true")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="runs of each engine, alternating; the median is printed too "
+                             "(a shared machine's speed moves between runs)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     gen = LlamaGenerator(args.model, device="cpu", dtype="float32")
-    ours, prefill = ours_tokens_per_s(gen, args.tokens)
-    print(f"llama-triton: {ours:.1f} tok/s decode ({args.threads} threads, fp32), "
-          f"prefill of {len(gen.tokenizer.encode(PROMPT))} tokens {prefill * 1e3:.0f} ms")
-    if not args.no_hf:
-        hf = transformers_tokens_per_s(gen.model_dir, args.tokens, gen.tokenizer.encode(PROMPT))
-        print(f"transformers: {hf:.1f} tok/s (same weights, {args.threads} threads, fp32)")
+    ours_runs, hf_runs = [], []
+    for _ in range(args.repeat):
+        ours, prefill = ours_tokens_per_s(gen, args.tokens)
+        ours_runs.append(ours)
+        print(f"llama-triton: {ours:.1f} tok/s decode ({args.threads} threads, fp32), "
+              f"prefill of {len(gen.tokenizer.encode(PROMPT))} tokens {prefill * 1e3:.0f} ms")
+        if not args.no_hf:
+            ids = gen.tokenizer.encode(PROMPT)
+            hf_runs.append(transformers_tokens_per_s(gen.model_dir, args.tokens, ids))
+            print(f"transformers: {hf_runs[-1]:.1f} tok/s (same weights, {args.threads} "
+                  f"threads, fp32)")
+    if args.repeat > 1:
+        hf_median = f", transformers {statistics.median(hf_runs):.1f}" if hf_runs else ""
+        print(f"median of {args.repeat}: llama-triton {statistics.median(ours_runs):.1f}"
+              f"{hf_median} tok/s")
 
 
 if __name__ == "__main__":
