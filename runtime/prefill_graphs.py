@@ -87,7 +87,7 @@ class PrefillGraphs:
     def _upload(self) -> None:
         self.tokens.copy_(self.host_tokens, non_blocking=True)
         self.seq.copy_(self.host_seq, non_blocking=True)
-        self.uploaded.record()
+        self.uploaded.record(torch.cuda.current_stream(self.device))
 
     def run(self, ids: list[int], positions: list[int], slots: list[int], seq_len: int,
             table: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
