@@ -91,14 +91,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     gen = LlamaGenerator(args.model, device="cpu", dtype="float32")
+    ids = gen.tokenizer.encode(PROMPT)
     ours_runs, hf_runs = [], []
     for _ in range(args.repeat):
         ours, prefill = ours_tokens_per_s(gen, args.tokens)
         ours_runs.append(ours)
         print(f"llama-triton: {ours:.1f} tok/s decode ({args.threads} threads, fp32), "
-              f"prefill of {len(gen.tokenizer.encode(PROMPT))} tokens {prefill * 1e3:.0f} ms")
+              f"prefill of {len(ids)} tokens {prefill * 1e3:.0f} ms")
         if not args.no_hf:
-            ids = gen.tokenizer.encode(PROMPT)
             hf_runs.append(transformers_tokens_per_s(gen.model_dir, args.tokens, ids))
             print(f"transformers: {hf_runs[-1]:.1f} tok/s (same weights, {args.threads} "
                   f"threads, fp32)")

@@ -37,14 +37,6 @@ class BatchMeta:
         return BatchMeta(**moved)
 
 
-def _cpu_parts(rows: int) -> int:
-    """Chunks of output rows for a CPU weight: one per thread, as many as divide the rows."""
-    parts = torch.get_num_threads()
-    while rows % parts:
-        parts -= 1
-    return parts
-
-
 def _concrete(device: torch.device) -> torch.device:
     """'cuda' -> 'cuda:N', so that devices compare equal to tensors' devices."""
     if device.type == "cuda" and device.index is None:
@@ -78,12 +70,7 @@ class LlamaModel:
     def _take(self, state_dict, name, device):
         weight = state_dict[name].to(device=device, dtype=self.dtype)
         if device.type == "cpu" and weight.dim() == 2:
-            parts = _cpu_parts(weight.shape[0])
-            if parts > 1:
-                return cpu_layout(weight, parts)  # kernels.linear runs it as one GEMV per core
-            # MKL's GEMV streams a K-major matrix up to 1.4x faster (2 cores, measured); the
-            # transposed view keeps the [out, in] shape
-            return weight.t().contiguous().t()
+            return cpu_layout(weight)  # kernels.linear runs it as one GEMV per core
         return weight.contiguous()
 
     def _layer_weights(self, state_dict, i):

@@ -25,12 +25,21 @@ def linear_ref(x, weight):
     return torch.nn.functional.linear(x, weight)
 
 
-def cpu_layout(weight: torch.Tensor, parts: int) -> torch.Tensor:
-    """[N, K] -> [parts, K, N / parts]: the output rows cut into `parts` chunks, each stored
-    K-major. Measured on 2 cores (bench/RESULTS.md, 2026-11-25): MKL runs a one-row GEMV on one
-    core (17-27 GB/s), while a bmm over the chunks runs one chunk per core (30-45 GB/s)."""
+def cpu_layout(weight: torch.Tensor, parts: int | None = None) -> torch.Tensor:
+    """[N, K] -> [parts, K, N / parts]: the output rows cut into `parts` chunks (by default one
+    per thread, as many as divide N), each stored K-major. Measured on 2 cores (bench/RESULTS.md,
+    2026-11-25): MKL runs a one-row GEMV on one core (17-27 GB/s), while a bmm over the chunks
+    runs one chunk per core (30-45 GB/s)."""
     n, k = weight.shape
+    parts = parts or cpu_parts(n)
     return weight.reshape(parts, n // parts, k).transpose(1, 2).contiguous()
+
+
+def cpu_parts(rows: int) -> int:
+    parts = torch.get_num_threads()
+    while rows % parts:
+        parts -= 1
+    return parts
 
 
 def _linear_parts(x, weight):

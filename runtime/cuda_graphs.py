@@ -2,8 +2,8 @@
 
 A graph bakes in every tensor address and launch grid, so the inputs live in static buffers that
 each step refills with one host-to-device copy per device (of the block-table columns in use
-only: the tables are as wide as the longest context, 8192 blocks at 128k tokens), the attention grid depends only on the
-fixed max_seq_len, and a batch smaller than its bucket is padded with dummy rows that write into a
+only: the tables are as wide as the longest context, 8192 blocks at 128k tokens), the
+attention grid depends only on the fixed max_seq_len, and a batch smaller than its bucket is padded with dummy rows that write into a
 scratch block reserved for them. A model split over several GPUs gets one graph per device
 segment; the hidden state crosses between segments as a copy between replays. The last segment
 ends with the logits and the greedy tokens on the device.

@@ -66,9 +66,3 @@ def test_batch_equals_each_prompt_alone(pair):
     assert ours.generate(texts, max_new_tokens=12) == [ours.generate(t, max_new_tokens=12)
                                                        for t in texts]
     assert ours.cache.allocator.num_free == ours.cache.num_blocks
-
-
-def test_cpu_weights_are_cut_per_thread(monkeypatch):
-    from graph import llama
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
-    assert [llama._cpu_parts(n) for n in (576, 960, 49155, 7)] == [4, 4, 3, 1]

@@ -90,3 +90,8 @@ def test_cpu_layout_gives_the_plain_product(parts, T):
     packed = linear_mod.cpu_layout(w, parts)
     assert packed.shape == (parts, 40, 12 // parts) and packed.is_contiguous()
     assert torch.allclose(linear_ref(x, packed), x @ w.T, rtol=1e-12, atol=1e-12)
+
+
+def test_cpu_weights_are_cut_per_thread(monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    assert [linear_mod.cpu_parts(n) for n in (576, 960, 49155, 7)] == [4, 4, 3, 1]
