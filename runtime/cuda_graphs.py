@@ -170,16 +170,19 @@ class DecodeGraphs:
             inputs.packed[:fields].copy_(self.host[:fields], non_blocking=True)
             self.uploaded[device].record(torch.cuda.current_stream(device))
 
-    def run(self, token_ids: list[int], positions: list[int], slots: list[int],
+    def run(self, token_ids: list[int] | torch.Tensor, positions: list[int], slots: list[int],
             seq_lens: list[int], tables: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """One decode step for len(token_ids) sequences: (logits [B, vocab], greedy [B])."""
+        """One decode step for len(token_ids) sequences: (logits [B, vocab], greedy [B]).
+        token_ids may be a tensor on the device (the tokens of the step before, not yet read)."""
         batch = len(token_ids)
         bucket = self.bucket_for(batch)
         if bucket not in self.by_bucket:
             self.capture(bucket)
         self._wait_for_uploads()
         host = self.host_np
-        host[IDS, :batch] = token_ids
+        on_device = isinstance(token_ids, torch.Tensor)   # a launched step's tokens
+        if not on_device:
+            host[IDS, :batch] = token_ids
         host[POSITIONS, :batch] = positions
         host[SLOTS, :batch] = slots
         host[SEQ_LENS, :batch] = seq_lens
@@ -187,6 +190,8 @@ class DecodeGraphs:
             host[TABLES:TABLES + len(table), row] = table
         self._fill_padding(batch, bucket)
         self._upload(TABLES + max(1, max(map(len, tables))))
+        if on_device:   # queued after the upload, which wrote this row from the host
+            self.inputs[self.model.first_device].packed[IDS, :batch].copy_(token_ids)
         made = self.by_bucket[bucket]
         for index, graph in enumerate(made.graphs):
             if index:

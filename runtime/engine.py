@@ -11,8 +11,10 @@ from dataclasses import dataclass, field
 import torch
 
 from graph.llama import BatchMeta, LlamaModel
+from kernels.argmax import argmax
 from kernels.dispatch import use_triton
 from runtime.kv_cache import PagedKVCache, SequenceBlocks
+from runtime.launched_step import LaunchedStep
 from runtime.sampler import SamplingParams, all_plain_greedy, sample
 
 
@@ -22,6 +24,14 @@ def make_decode_graphs(model: LlamaModel, cache: PagedKVCache) -> "DecodeGraphs 
         return None
     from runtime.cuda_graphs import DecodeGraphs
     return DecodeGraphs(model, cache)
+
+
+def make_readback(device: torch.device):
+    """Where launched steps' tokens come back to the host without a device-wide wait."""
+    if device.type != "cuda":
+        return None
+    from runtime.token_readback import TokenReadback
+    return TokenReadback(device)
 
 
 class PromptTooLongError(ValueError):
@@ -66,6 +76,7 @@ class Engine:
         self.graphs = graphs
         self.eos_ids = set(eos_ids)
         self.context = model.config.max_position_embeddings
+        self.readback = make_readback(model.last_device)
 
     # ---- one forward over a batch -------------------------------------------------------
     def forward(self, seqs: list[Sequence], new_tokens: list[list[int]],
@@ -83,6 +94,24 @@ class Engine:
             if ran is not None:
                 return ran
         return self._forward_eager(seqs, batch, all_logits), None
+
+    def launch_decode(self, seqs: list[Sequence], token_ids: list[int] | None = None,
+                      after: LaunchedStep | None = None, rows: list[int] | None = None,
+                      ) -> LaunchedStep:
+        """Start a greedy decode step of one token per sequence and return without waiting for
+        it. The input tokens are token_ids, or the tokens of the launched step `after` at `rows`,
+        taken on the device: the host need not have read them."""
+        batch = self._gather(seqs, [[0]] * len(seqs))
+        batch["ids"] = token_ids if after is None else after.select(rows)
+        greedy = None
+        if self.graphs is not None:
+            ran = self.graphs.run_batch(batch["ids"], batch["positions"], batch["slots"],
+                                        batch["lens"], [s.blocks.blocks for s in seqs],
+                                        [1] * len(seqs))
+            greedy = ran[1] if ran is not None else None
+        if greedy is None:
+            greedy = argmax(self._forward_eager(seqs, batch, all_logits=False))
+        return LaunchedStep(greedy, self.readback.start(greedy) if self.readback else None)
 
     def _gather(self, seqs, new_tokens) -> dict:
         ids, positions, slots, starts, lens = [], [], [], [0], []
@@ -108,7 +137,9 @@ class Engine:
             query_start_loc=torch.tensor(batch["starts"], dtype=torch.int32, device=device),
             max_query_len=batch["max_query_len"],
             max_seq_len=max(batch["lens"]))
-        input_ids = torch.tensor(batch["ids"], dtype=torch.int64, device=device)
+        input_ids = batch["ids"]   # a list, or a launched step's tokens on its device
+        input_ids = (input_ids.to(device) if isinstance(input_ids, torch.Tensor)
+                     else torch.tensor(input_ids, dtype=torch.int64, device=device))
         hidden = self.model.forward(input_ids, meta, self.cache.layers)
         if not all_logits:
             last_rows = torch.tensor(batch["starts"][1:], device=hidden.device) - 1
@@ -151,8 +182,7 @@ class Engine:
         seq.output_ids.append(token)
         if token in self.eos_ids or token in seq.params.stop_token_ids:
             self.finish(seq, "stop")
-        elif (len(seq.output_ids) >= seq.params.max_new_tokens
-              or seq.blocks.num_tokens + 1 >= self.context):
+        elif len(seq.output_ids) >= seq.params.max_new_tokens or seq.num_known >= self.context:
             self.finish(seq, "length")
         return seq, token
 

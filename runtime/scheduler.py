@@ -7,6 +7,12 @@ sampled only when the step reached the end of its known tokens (not after a mid-
 When a running sequence needs a block and none is free, the newest running sequence is
 preempted: its blocks go back and it returns to the front of `waiting`, to be recomputed later
 from its prompt plus the tokens it already generated (which it keeps).
+
+Lookahead (on by default on CUDA): while every running sequence decodes greedily and nothing
+waits to join, decode step N+1 is launched before the tokens of step N are read, with step N's
+tokens as its input on the device. The host's scheduling then overlaps the GPU's work instead of
+leaving it idle. A sequence that turns out to have ended at step N (EOS, a stop token, the caller)
+wastes its row of step N+1, whose token is dropped; a sequence that ends by length is left out.
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ from collections.abc import Iterator
 
 from runtime.engine import Engine, Sequence
 from runtime.kv_cache import OutOfBlocksError
+from runtime.launched_step import LaunchedStep
 from runtime.sampler import all_plain_greedy, sample
 
 CUDA_TOKEN_BUDGET = 8192   # enough to keep the GPU's GEMMs busy during prefill
@@ -23,7 +30,8 @@ CPU_TOKEN_BUDGET = 512     # keeps a CPU step short, so decodes are not stalled 
 
 class Scheduler:
     def __init__(self, engine: Engine, max_num_batched_tokens: int | None = None,
-                 max_num_seqs: int = 256, prefix_caching: bool = True):
+                 max_num_seqs: int = 256, prefix_caching: bool = True,
+                 lookahead: bool | None = None):
         if max_num_batched_tokens is None:
             on_cuda = engine.model.first_device.type == "cuda"
             max_num_batched_tokens = CUDA_TOKEN_BUDGET if on_cuda else CPU_TOKEN_BUDGET
@@ -35,6 +43,10 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.prefix_caching = prefix_caching
+        # on the CPU a step is done when its launch returns: nothing to overlap
+        self.lookahead = (engine.model.first_device.type == "cuda" if lookahead is None
+                          else lookahead)
+        self.launched: tuple[list[Sequence], LaunchedStep] | None = None   # not yet read
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -58,6 +70,7 @@ class Scheduler:
         self._drop_finished()
 
     def abort_all(self) -> None:
+        self.launched = None   # its device work writes only into blocks given back below
         for seq in [*self.running, *self.waiting]:
             self.engine.finish(seq, seq.finish_reason or "abort")
         self.running.clear()
@@ -79,10 +92,15 @@ class Scheduler:
     # ---- one step ----------------------------------------------------------------------
     def step(self) -> list[tuple[Sequence, int]]:
         self._drop_finished()
+        if self.launched is not None:
+            return self._read_launched()
         seqs, tokens = self.schedule()
         if not seqs:
             return []
         try:
+            if self._launchable(seqs, tokens):
+                self.launched = seqs, self.engine.launch_decode(seqs, [t[0] for t in tokens])
+                return self._read_launched()
             logits, greedy = self.engine.forward(seqs, tokens)
         except BaseException:
             # blocks registered for sharing this step may hold nothing valid now
@@ -106,6 +124,57 @@ class Scheduler:
         histories = [s.all_ids if s.params.repetition_penalty != 1.0 else [] for s in seqs]
         return sample(logits, params, histories, [s.generator for s in seqs]).tolist()
 
+    # ---- lookahead: decode launched one step ahead of reading ----------------------------
+    def _launchable(self, seqs, tokens) -> bool:
+        """A lookahead step: every sequence decodes its last known token, greedily."""
+        return (self.lookahead and all(len(t) == 1 for t in tokens)
+                and all(self._pending(s) == 1 for s in seqs)
+                and all_plain_greedy([s.params for s in seqs]))
+
+    def _read_launched(self) -> list[tuple[Sequence, int]]:
+        """Launch the next decode step on the launched one's tokens where it may go on, then
+        read the launched step and append its tokens."""
+        seqs, launched = self.launched
+        self.launched = None
+        rows = self._going_on(seqs)
+        if rows:
+            ahead = [seqs[i] for i in rows]
+            self.launched = ahead, self.engine.launch_decode(ahead, after=launched, rows=rows)
+            self._note_blocks_in_use()
+        out = []
+        for seq, token in zip(seqs, launched.read()):
+            if seq.finished:   # by the caller, or by EOS while this step ran ahead
+                continue
+            out.append(self.engine._append(seq, token))
+            self._register_written(seq)
+        if self.launched is not None and all(s.finished for s in self.launched[0]):
+            self.launched = None
+        self._drop_finished()
+        return out
+
+    def _going_on(self, seqs: list[Sequence]) -> list[int]:
+        """Rows of seqs that decode again after the launched step, if the next step may be
+        launched before its tokens are read: nothing waits to join, no sequence needs
+        preempting, and the row does not end by length with the token being read."""
+        if self.waiting and len(self.running) < self.max_num_seqs:
+            return []
+        context = self.engine.context
+        rows = [i for i, s in enumerate(seqs) if not s.finished
+                and len(s.output_ids) + 1 < s.params.max_new_tokens
+                and s.num_known + 1 < context]
+        need = sum(self.cache.blocks_needed(seqs[i].blocks, 1) for i in rows)
+        return rows if need <= self.cache.allocator.num_free else []
+
+    def _register_written(self, seq: Sequence) -> None:
+        """Offer the blocks a step ahead filled, now that the tokens in them are known."""
+        if (self.prefix_caching and not seq.finished
+                and seq.blocks.num_tokens // self.cache.block_size > len(seq.blocks.hashes)):
+            self.cache.register_full_blocks(seq.blocks, seq.all_ids, seq.blocks.num_tokens)
+
+    def _note_blocks_in_use(self) -> None:
+        in_use = self.cache.num_blocks - self.cache.allocator.num_free
+        self.peak_blocks_in_use = max(self.peak_blocks_in_use, in_use)
+
     def _drop_finished(self) -> None:
         if any(s.finished for s in self.running):
             self.running = [s for s in self.running if not s.finished]
@@ -121,8 +190,7 @@ class Scheduler:
         budget -= sum(n for _, n in batch)
         if not preempted:
             self._admit_waiting(batch, budget)
-        in_use = self.cache.num_blocks - self.cache.allocator.num_free
-        self.peak_blocks_in_use = max(self.peak_blocks_in_use, in_use)
+        self._note_blocks_in_use()
         seqs = [s for s, _ in batch]
         tokens = [s.token_slice(s.blocks.num_tokens, s.blocks.num_tokens + n) for s, n in batch]
         return seqs, tokens

@@ -67,3 +67,22 @@ def test_preemption_equals_alone(model_dir):
     got, sched = _scheduled(gen, prompts, 32)
     assert sched.num_preemptions > 0 and got == want
     assert gen.cache.allocator.num_free == gen.cache.num_blocks - 1
+
+
+def test_lookahead_equals_plain_steps_through_eos_and_lengths(model_dir):
+    gen = _gen(model_dir, 8192)
+    prompts = [_ids(n, seed=40 + n) for n in (7, 19, 3, 45, 12)]
+    lengths = (30, 6, 17, 30, 1)   # rows end at different steps; the batch crosses buckets
+    gen.engine.eos_ids = {_alone(gen, prompts[0], 30)[10]}
+
+    def scheduled(lookahead):
+        sched = Scheduler(gen.engine, lookahead=lookahead)
+        seqs = [sched.add(gen.engine.new_sequence(p, SamplingParams(max_new_tokens=n)))
+                for p, n in zip(prompts, lengths)]
+        for _ in sched.run():
+            pass
+        return [s.output_ids for s in seqs]
+
+    assert Scheduler(gen.engine).lookahead   # on by default on CUDA
+    assert scheduled(True) == scheduled(False)
+    assert gen.cache.allocator.num_free == gen.cache.num_blocks - 1
