@@ -23,8 +23,8 @@ class BatchMeta:
     """Where each token of a flattened batch sits: its position, its cache slot, its sequence."""
     positions: torch.Tensor          # int64 [T]
     slot_mapping: torch.Tensor       # int64 [T]: block * block_size + row
-    block_tables: torch.Tensor       # int32 [B, max_blocks]
-    seq_lens: torch.Tensor           # int32 [B]: KV length after this step
+    block_tables: torch.Tensor       # int32 [B, max_blocks] (decode: int32/int64, any strides)
+    seq_lens: torch.Tensor           # int32 [B]: KV length after this step (decode: or int64)
     query_start_loc: torch.Tensor    # int32 [B + 1]
     max_query_len: int
     max_seq_len: int

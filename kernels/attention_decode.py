@@ -5,7 +5,8 @@ into a BLOCK_H >= 16 row tile, so tl.dot runs on tensor cores and K/V are read o
 Each sequence's KV range is cut into NUM_SPLITS chunks of a fixed length derived from the
 maximum length, never from seq_lens, so the grid is the same on every step (CUDA graphs);
 programs whose chunk starts past the sequence's end do nothing. Each split keeps its output
-and log-sum-exp in fp32; a second kernel merges them."""
+and log-sum-exp in fp32; a second kernel merges them. The block table may be int32 or int64 with
+any strides: the decode graphs pass a transposed view of their packed input (no copy per step)."""
 import torch
 import triton
 import triton.language as tl
@@ -24,8 +25,8 @@ MIN_CHUNK = 256  # below this a split's fixed cost outweighs the parallelism it 
 )
 @triton.jit
 def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, qsl_ptr, out_ptr, po_ptr,
-                         plse_ptr, sqt, sqh, kcb, kcr, kch, vcb, vcr, vch, s_table, sot, soh,
-                         scale_log2, chunk_len, block_size, n_heads, GROUP, HD, NUM_SPLITS,
+                         plse_ptr, sqt, sqh, kcb, kcr, kch, vcb, vcr, vch, s_table, s_tcol, sot,
+                         soh,                         scale_log2, chunk_len, block_size, n_heads, GROUP, HD, NUM_SPLITS,
                          BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                          SPLIT: tl.constexpr, DOT_PREC: tl.constexpr):
     b = tl.program_id(0)
@@ -51,7 +52,7 @@ def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, qsl_ptr, ou
         for n0 in range(start, end, BLOCK_N):
             pos = n0 + tl.arange(0, BLOCK_N)
             pmask = pos < end
-            blk = tl.load(table + pos // block_size, mask=pmask, other=0).to(tl.int64)
+            blk = tl.load(table + (pos // block_size) * s_tcol, mask=pmask, other=0).to(tl.int64)
             row = (pos % block_size).to(tl.int64)
             kvmask = pmask[:, None] & dmask[None, :]
             k = tl.load(kc_ptr + blk[:, None] * kcb + row[:, None] * kcr + kvh * kch + d[None, :],
@@ -123,7 +124,7 @@ def paged_decode_triton(q, k_cache, v_cache, block_tables, seq_lens, query_start
         q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, part_o, part_lse,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
-        out.stride(0), out.stride(1), scale * LOG2E, chunk_len, block_size, n_heads, group, hd,
+        block_tables.stride(1), out.stride(0), out.stride(1), scale * LOG2E, chunk_len, block_size, n_heads, group, hd,
         splits, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d,
         SPLIT=splits > 1, DOT_PREC=dot_precision(q.dtype))
     if splits > 1:

@@ -2,11 +2,12 @@
 
 A graph bakes in every tensor address and launch grid, so the inputs live in static buffers that
 each step refills with one host-to-device copy per device (of the block-table columns in use
-only: the tables are as wide as the longest context, 8192 blocks at 128k tokens), the
-attention grid depends only on the fixed max_seq_len, and a batch smaller than its bucket is padded with dummy rows that write into a
-scratch block reserved for them. A model split over several GPUs gets one graph per device
-segment; the hidden state crosses between segments as a copy between replays. The last segment
-ends with the logits and the greedy tokens on the device.
+only: the tables are as wide as the longest context, 8192 blocks at 128k tokens). The kernels
+read that packed buffer in place, the block table as a transposed view. The attention grid
+depends only on the fixed max_seq_len, and a batch smaller than its bucket is padded with dummy
+rows that write into a scratch block reserved for them. A model split over several GPUs gets one
+graph per device segment; the hidden state crosses between segments as a copy between replays.
+The last segment ends with the logits and the greedy tokens on the device.
 """
 from __future__ import annotations
 
@@ -22,30 +23,22 @@ IDS, POSITIONS, SLOTS, SEQ_LENS, TABLES = 0, 1, 2, 3, 4   # rows of the packed i
 
 
 class _DeviceInputs:
-    """One device's static copy of the step inputs, unpacked into the contiguous tensors the
-    kernels want (by the graph's first nodes, so the replay does the unpacking). Packed is
-    [field, sequence]: ids, positions, slots, lengths, then one row per block-table column, so
-    the columns a step uses are one contiguous prefix of it."""
+    """One device's static copy of the step inputs, [field, sequence]: ids, positions, slots,
+    lengths, then one row per block-table column, so the columns a step uses are one contiguous
+    prefix of it. The kernels read it where it is (no unpacking copies inside the graph)."""
 
-    def __init__(self, device: torch.device, rows: int, width: int, max_blocks: int):
+    def __init__(self, device: torch.device, rows: int, width: int):
         self.packed = torch.zeros((width, rows), dtype=torch.int64, device=device)
-        self.ids = torch.zeros(rows, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(rows, dtype=torch.int64, device=device)
-        self.slots = torch.zeros(rows, dtype=torch.int64, device=device)
-        self.seq_lens = torch.ones(rows, dtype=torch.int32, device=device)
-        self.tables = torch.zeros((rows, max_blocks), dtype=torch.int32, device=device)
+        self.packed[SEQ_LENS] = 1
         self.query_start_loc = torch.arange(rows + 1, dtype=torch.int32, device=device)
 
-    def unpack(self, bucket: int) -> None:
-        packed = self.packed[:, :bucket]
-        for field, buffer in ((IDS, self.ids), (POSITIONS, self.positions), (SLOTS, self.slots),
-                              (SEQ_LENS, self.seq_lens)):
-            buffer[:bucket].copy_(packed[field])
-        self.tables[:bucket].copy_(packed[TABLES:].t())
+    def ids(self, bucket: int) -> torch.Tensor:
+        return self.packed[IDS, :bucket]
 
     def meta(self, bucket: int, max_seq_len: int) -> BatchMeta:
-        return BatchMeta(positions=self.positions[:bucket], slot_mapping=self.slots[:bucket],
-                         block_tables=self.tables[:bucket], seq_lens=self.seq_lens[:bucket],
+        packed = self.packed[:, :bucket]
+        return BatchMeta(positions=packed[POSITIONS], slot_mapping=packed[SLOTS],
+                         block_tables=packed[TABLES:].t(), seq_lens=packed[SEQ_LENS],
                          query_start_loc=self.query_start_loc[:bucket + 1], max_query_len=1,
                          max_seq_len=max_seq_len)
 
@@ -74,8 +67,7 @@ class DecodeGraphs:
         width = TABLES + max_blocks
         self.host = torch.zeros((width, self.max_batch), dtype=torch.int64).pin_memory()
         self.host_np = self.host.numpy()   # numpy writes cost far less per step than torch's
-        self.inputs = {d: _DeviceInputs(d, self.max_batch, width, max_blocks)
-                       for d in model.devices}
+        self.inputs = {d: _DeviceInputs(d, self.max_batch, width) for d in model.devices}
         self.by_bucket: dict[int, _BucketGraphs] = {}
         # one per device: the last copy out of self.host, which the next step must not overwrite
         # before it has run (a caller need not read the results between steps)
@@ -104,12 +96,11 @@ class DecodeGraphs:
 
     # ---- capture -----------------------------------------------------------------------
     def _segment_step(self, bucket, index, hidden, residual):
-        """The work of segment `index`: unpack inputs, (embed), its layers, (norm + head)."""
+        """The work of segment `index`: (embed), its layers, (norm + head)."""
         device, start, end = self.model.segments[index]
         inputs = self.inputs[device]
-        inputs.unpack(bucket)
         if index == 0:
-            hidden = self.model.embed_tokens(inputs.ids[:bucket])
+            hidden = self.model.embed_tokens(inputs.ids(bucket))
         hidden, residual = self.model.run_layers(start, end, hidden, residual,
                                                  inputs.meta(bucket, self.max_seq_len),
                                                  self.cache.layers)

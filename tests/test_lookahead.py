@@ -141,7 +141,8 @@ def test_fuzz_with_lookahead_leaves_no_block_behind(model_dir):
     for _ in range(1000):
         action = rng.random()
         if action < 0.15:
-            prompt = rng.choice(prefixes)[:rng.randint(1, 20)] + _prompts(1, rng.randint(0, 12), seed=rng.random())[0]
+            tail = _prompts(1, rng.randint(0, 12), seed=rng.random())[0]
+            prompt = rng.choice(prefixes)[:rng.randint(1, 20)] + tail
             sched.add(small.engine.new_sequence(prompt, _params(rng.randint(1, 30))))
         elif action < 0.22 and (sched.running or sched.waiting):
             sched.finish(rng.choice([*sched.running, *sched.waiting]))

@@ -58,6 +58,19 @@ def test_decode_split_counts(splits, max_seq_len):
           max_seq_len=max_seq_len)
 
 
+def test_decode_reads_a_transposed_int64_table():
+    """The decode graphs pass their packed [field, sequence] input: the table as an int64
+    [B, max_blocks] view with strides (1, B), and int64 lengths."""
+    q, kc, vc, bt, lens, qsl = make_batch([3, 40, 17], [1, 1, 1], 8, 2, 64, 16, torch.float32)
+    packed = torch.full((bt.shape[1], 5), -7, dtype=torch.int64)   # wider than the batch
+    packed[:, :3] = bt.t()
+    table = packed[:, :3].t()
+    assert table.stride() == (1, 5)
+    out = paged_decode_triton(q, kc, vc, table, lens.long(), qsl, 0.125, num_splits=2)
+    ref = paged_attention_ref(q, kc, vc, bt, lens, qsl, 1, 0.125)
+    assert rel_err(out, ref) < TOL[torch.float32]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("n_heads,n_kv", [(2, 2), (8, 2), (8, 1)])
 @pytest.mark.parametrize("hd", [64, 128])
