@@ -1,5 +1,6 @@
-"""Where the time of a throughput run goes: wall time per kind of scheduler step (all-decode
-steps that replay a graph, steps that prefill), the GPU time of one decode graph replayed alone
+"""Where the time of a throughput run goes: the run with and without the scheduler's lookahead,
+wall time per kind of scheduler step (all-decode steps that replay a graph, steps that
+prefill), one step at a time, the GPU time of one decode graph replayed alone
 at the run's batch, and the GPU kernels of the whole run by total time (torch.profiler).
 
     python -m bench.profile_throughput --shape 1b --setting a
@@ -32,7 +33,8 @@ class _RecordingScheduler(Scheduler):
 def step_times(engine, prompts, new_tokens) -> dict[str, list[float]]:
     """Wall seconds of each scheduler step, keyed 'decode B' or 'prefill' (any step that runs
     more than one token of some sequence)."""
-    scheduler = _RecordingScheduler(engine)
+    engine.cache.allocator.clear_cache()   # no prompt found cached from the runs before
+    scheduler = _RecordingScheduler(engine, lookahead=False)   # one step at a time
     for prompt in prompts:
         scheduler.add(engine.new_sequence(prompt, SamplingParams(max_new_tokens=new_tokens)))
     times = defaultdict(list)
@@ -69,8 +71,10 @@ def main() -> None:
     engine = build_engine(SHAPES[args.shape], torch.device("cuda", torch.cuda.current_device()))
     prompts = make_requests(args.setting, engine.model.config.vocab_size, args.requests)
     run_ours(engine, prompts, args.new_tokens)   # warm-up: autotuning and graph capture
-    row = run_ours(engine, prompts, args.new_tokens)
-    print(f"run: {row['gen_tps']:,.0f} generated tok/s, {row['seconds']:.3f} s")
+    for lookahead in (False, True):
+        row = run_ours(engine, prompts, args.new_tokens, lookahead=lookahead)
+        print(f"run, lookahead {'on' if lookahead else 'off'}: {row['gen_tps']:,.0f} generated "
+              f"tok/s, {row['seconds']:.3f} s")
     times = step_times(engine, prompts, args.new_tokens)
     print("\n| step | count | total ms | mean ms |\n| --- | --- | --- | --- |")
     for kind, values in sorted(times.items(), key=lambda kv: -sum(kv[1])):
