@@ -1,5 +1,5 @@
 """Where the time of a throughput run goes: the run with and without the scheduler's lookahead,
-wall time per kind of scheduler step (all-decode steps that replay a graph, steps that
+the host's time by function (cProfile), wall time per kind of scheduler step (all-decode steps that replay a graph, steps that
 prefill), one step at a time, the GPU time of one decode graph replayed alone
 at the run's batch, and the GPU kernels of the whole run by total time (torch.profiler).
 
@@ -8,6 +8,8 @@ at the run's batch, and the GPU kernels of the whole run by total time (torch.pr
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import time
 from collections import defaultdict
 
@@ -75,6 +77,13 @@ def main() -> None:
         row = run_ours(engine, prompts, args.new_tokens, lookahead=lookahead)
         print(f"run, lookahead {'on' if lookahead else 'off'}: {row['gen_tps']:,.0f} generated "
               f"tok/s, {row['seconds']:.3f} s")
+    host = cProfile.Profile()
+    host.enable()
+    run_ours(engine, prompts, args.new_tokens)
+    host.disable()
+    print("\nhost time of one run with lookahead, by function (cProfile; waits for the GPU show "
+          "up in read):")
+    pstats.Stats(host).sort_stats("tottime").print_stats(22)
     times = step_times(engine, prompts, args.new_tokens)
     print("\n| step | count | total ms | mean ms |\n| --- | --- | --- | --- |")
     for kind, values in sorted(times.items(), key=lambda kv: -sum(kv[1])):
