@@ -143,4 +143,4 @@ class LlamaModel:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Head projection of the given rows, as float32 [rows, vocab]."""
-        return linear(hidden, self.head).float()
+        return linear(hidden, self.head, out_dtype=torch.float32)

@@ -227,14 +227,15 @@ def _prefill_linear_kernel(x_ptr, w_ptr, out_ptr, M, N, K, M_BUCKET, sxm, swn, s
              acc.to(out_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
-def linear_triton(x, weight):
+def linear_triton(x, weight, out_dtype=None):
     if x.stride(-1) != 1:
         x = x.contiguous()
     if weight.stride(-1) != 1:
         weight = weight.contiguous()
     M, K = x.shape
     N = weight.shape[0]
-    out = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    # the kernels cast their fp32 accumulators on store: a float32 output costs no extra pass
+    out = torch.empty((M, N), device=x.device, dtype=out_dtype or x.dtype)
     if M == 0:
         return out
     if M <= DECODE_MAX_ROWS:
@@ -249,8 +250,9 @@ def linear_triton(x, weight):
     return out
 
 
-def linear(x, weight):
-    """x [T, K], weight [N, K] -> [T, N] in x.dtype."""
+def linear(x, weight, out_dtype=None):
+    """x [T, K], weight [N, K] -> [T, N] in out_dtype (by default x.dtype)."""
     if use_triton(x):
-        return linear_triton(x, weight)
-    return linear_ref(x, weight)
+        return linear_triton(x, weight, out_dtype)
+    out = linear_ref(x, weight)
+    return out if out_dtype is None else out.to(out_dtype)

@@ -67,6 +67,18 @@ def test_linear_triton_strided_input():
     assert rel_err(linear_triton(x, w), x.double() @ w.double().T) < 1e-5
 
 
+@pytest.mark.parametrize("T", [1, 40])   # the decode kernel and the tiled GEMM
+def test_float32_output_from_fp16_inputs(T):
+    """The head writes float32 logits straight from the accumulator, not rounded to fp16 first."""
+    x = torch.randn(T, 64, dtype=torch.float16)
+    w = torch.randn(48, 64, dtype=torch.float16) / 8
+    out = linear_triton(x, w, out_dtype=torch.float32)
+    ref = x.double() @ w.double().T
+    assert out.dtype == torch.float32
+    assert rel_err(out, ref) < 1e-5 < rel_err(linear_triton(x, w), ref)
+    assert linear(x.float(), w.float(), out_dtype=torch.float64).dtype == torch.float64
+
+
 def test_linear_public_dispatch(monkeypatch):
     import importlib
     mod = importlib.import_module("kernels.linear")
