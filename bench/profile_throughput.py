@@ -1,7 +1,8 @@
-"""Where the time of a throughput run goes: the run with and without the scheduler's lookahead,
-the host's time by function (cProfile), wall time per kind of scheduler step (all-decode steps that replay a graph, steps that
-prefill), one step at a time, the GPU time of one decode graph replayed alone
-at the run's batch, and the GPU kernels of the whole run by total time (torch.profiler).
+"""Where the time of a throughput run goes: the run with and without the scheduler's
+lookahead, the host's time by function (cProfile), wall time per kind of scheduler step
+(all-decode steps that replay a graph, steps that prefill) run one at a time, the GPU time of
+one decode graph replayed alone at the run's batch, and the GPU kernels of the whole run by
+total time (torch.profiler).
 
     python -m bench.profile_throughput --shape 1b --setting a
 """
