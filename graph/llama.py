@@ -12,10 +12,10 @@ import torch
 
 from graph.config import LlamaConfig
 from kernels.attention import paged_attention
+from kernels.gate_up_silu import gate_up_silu
 from kernels.linear import cpu_layout, linear
 from kernels.rmsnorm import rmsnorm
 from kernels.rotary import rope_tables, rotary_cache_write
-from kernels.silu_mul import silu_mul
 
 
 @dataclass
@@ -138,7 +138,7 @@ class LlamaModel:
                                meta.max_seq_len)
         hidden = linear(attn.reshape(tokens, c.q_size), w["attention.wo"])
         x, residual = rmsnorm(hidden, w["ffn_norm"], c.rms_norm_eps, residual)
-        hidden = linear(silu_mul(linear(x, w["feed_forward.w13"])), w["feed_forward.w2"])
+        hidden = linear(gate_up_silu(x, w["feed_forward.w13"]), w["feed_forward.w2"])
         return hidden, residual
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ from kernels.argmax import argmax
 from kernels.attention import paged_attention, paged_attention_ref, paged_attention_triton
 from kernels.attention_decode import paged_decode_triton
 from kernels.dispatch import sm_count
+from kernels.gate_up_silu import gate_up_silu_ref, gate_up_silu_triton
 from kernels import linear as linear_mod
 from kernels.linear import decode_split_k, linear, linear_triton
 from kernels.rmsnorm import rmsnorm_ref, rmsnorm_triton
@@ -80,6 +81,21 @@ def test_linear(dtype, T, N, K):
     out = linear_triton(x, w)
     assert out.shape == (T, N) and out.dtype == dtype
     assert rel_err(out, x.double() @ w.double().T) < TOL[dtype]
+
+
+GATE_UP_CASES = [(dt, i, k) for dt in DTYPES
+                 for i, k in ((8192, 2048), (14336, 4096), (1000, 1000))]  # 1B, 8B, ragged
+GATE_UP_CASES.append((torch.float32, 2048, 2048))
+
+
+@pytest.mark.parametrize("T", [1, 4, 16, 512])  # fused decode kernel up to 16 rows
+@pytest.mark.parametrize("dtype,I,K", GATE_UP_CASES)
+def test_gate_up_silu(dtype, T, I, K):
+    x = torch.randn(T, K, device=DEV, dtype=dtype)
+    w13 = (torch.randn(2 * I, K, device=DEV) / K ** 0.5).to(dtype)
+    out = gate_up_silu_triton(x, w13)
+    assert out.shape == (T, I) and out.dtype == dtype
+    assert rel_err(out, gate_up_silu_ref(*up(x, w13))) < TOL[dtype]
 
 
 @pytest.mark.parametrize("T", [1, 9])
