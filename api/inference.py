@@ -43,7 +43,7 @@ class LlamaGenerator:
                  dtype: str | torch.dtype | None = None, devices: list[str] | None = None,
                  kv_cache_tokens: int | None = None, split: list[int] | str | None = None,
                  cuda_graphs: bool = True, max_num_batched_tokens: int | None = None,
-                 max_num_seqs: int = 256):
+                 max_num_seqs: int = 256, lookahead: bool | None = None):
         model_dir = resolve_model_dir(path, fmt)
         if devices:
             placed = [parse_device(d) for d in devices]
@@ -67,7 +67,7 @@ class LlamaGenerator:
         graphs = make_decode_graphs(self.model, self.cache) if cuda_graphs else None
         self.engine = Engine(self.model, self.cache, self.tokenizer.eos_ids, graphs)
         self.scheduler_options = dict(max_num_batched_tokens=max_num_batched_tokens,
-                                      max_num_seqs=max_num_seqs)
+                                      max_num_seqs=max_num_seqs, lookahead=lookahead)
         self.new_scheduler()   # refuses bad options now rather than at the first request
 
     @property

@@ -196,6 +196,14 @@ def test_scheduler_options_are_checked_at_construction(model_dir):
         [small.generate("Hello", max_new_tokens=3), small.generate("The capital", max_new_tokens=3)]
 
 
+def test_lookahead_is_a_generator_option(model_dir):
+    ahead = LlamaGenerator(model_dir, device="cpu", lookahead=True)
+    plain = LlamaGenerator(model_dir, device="cpu")
+    assert ahead.new_scheduler().lookahead and not plain.new_scheduler().lookahead
+    prompts = ["Hello", "The capital of France is"]
+    assert ahead.generate(prompts, max_new_tokens=6) == plain.generate(prompts, max_new_tokens=6)
+
+
 def test_stream_shares_the_prefix_of_an_earlier_prompt(gen):
     prompt = "Once upon a time there was a little llama who liked to run in the hills."
     first = "".join(gen.stream(prompt, max_new_tokens=6))
