@@ -86,14 +86,8 @@ class Engine:
         as a CUDA graph, its greedy tokens [B] (else None). A graph's outputs are its static
         buffers: they hold this step's values until the next step runs."""
         batch = self._gather(seqs, new_tokens)
-        if self.graphs is not None and not all_logits:
-            starts = batch["starts"]
-            ran = self.graphs.run_batch(batch["ids"], batch["positions"], batch["slots"],
-                                        batch["lens"], [s.blocks.blocks for s in seqs],
-                                        [b - a for a, b in zip(starts, starts[1:])])
-            if ran is not None:
-                return ran
-        return self._forward_eager(seqs, batch, all_logits), None
+        ran = None if all_logits else self._run_graph(seqs, batch)
+        return ran or (self._forward_eager(seqs, batch, all_logits), None)
 
     def launch_decode(self, seqs: list[Sequence], token_ids: list[int] | None = None,
                       after: LaunchedStep | None = None, rows: list[int] | None = None,
@@ -103,15 +97,18 @@ class Engine:
         taken on the device: the host need not have read them."""
         batch = self._gather(seqs, [[0]] * len(seqs))
         batch["ids"] = token_ids if after is None else after.select(rows)
-        greedy = None
-        if self.graphs is not None:
-            ran = self.graphs.run_batch(batch["ids"], batch["positions"], batch["slots"],
-                                        batch["lens"], [s.blocks.blocks for s in seqs],
-                                        [1] * len(seqs))
-            greedy = ran[1] if ran is not None else None
-        if greedy is None:
-            greedy = argmax(self._forward_eager(seqs, batch, all_logits=False))
+        ran = self._run_graph(seqs, batch)
+        greedy = ran[1] if ran else argmax(self._forward_eager(seqs, batch, all_logits=False))
         return LaunchedStep(greedy, self.readback.start(greedy) if self.readback else None)
+
+    def _run_graph(self, seqs, batch) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(logits, greedy) from a CUDA graph, or None where no graph fits this step."""
+        if self.graphs is None:
+            return None
+        starts = batch["starts"]
+        return self.graphs.run_batch(batch["ids"], batch["positions"], batch["slots"],
+                                     batch["lens"], [s.blocks.blocks for s in seqs],
+                                     [b - a for a, b in zip(starts, starts[1:])])
 
     def _gather(self, seqs, new_tokens) -> dict:
         ids, positions, slots, starts, lens = [], [], [], [0], []

@@ -98,7 +98,7 @@ class Scheduler:
         if not seqs:
             return []
         try:
-            if self._launchable(seqs, tokens):
+            if self._launchable(seqs):
                 self.launched = seqs, self.engine.launch_decode(seqs, [t[0] for t in tokens])
                 return self._read_launched()
             logits, greedy = self.engine.forward(seqs, tokens)
@@ -125,10 +125,10 @@ class Scheduler:
         return sample(logits, params, histories, [s.generator for s in seqs]).tolist()
 
     # ---- lookahead: decode launched one step ahead of reading ----------------------------
-    def _launchable(self, seqs, tokens) -> bool:
-        """A lookahead step: every sequence decodes its last known token, greedily."""
-        return (self.lookahead and all(len(t) == 1 for t in tokens)
-                and all(self._pending(s) == 1 for s in seqs)
+    def _launchable(self, seqs) -> bool:
+        """A lookahead step: every sequence decodes its last known token (one pending token
+        means a one-token slice), greedily."""
+        return (self.lookahead and all(self._pending(s) == 1 for s in seqs)
                 and all_plain_greedy([s.params for s in seqs]))
 
     def _read_launched(self) -> list[tuple[Sequence, int]]:

@@ -1,14 +1,10 @@
 """The scheduler's lookahead (decode step N+1 launched on step N's tokens before the host reads
 them), on the CPU with a tiny random model: the same greedy tokens as without it and as each
-request alone, through EOS, stops by the caller, length and context limits, preemption and
-prefix sharing, with no block left behind."""
-import random
-
-import pytest
-
-from api.inference import LlamaGenerator
+request alone, through EOS, stops by the caller, length limits and prefix sharing, with no block
+left behind. Preemption, the context limit, joining requests and the fuzz test run with and
+without lookahead in tests/test_scheduler.py."""
 from runtime.scheduler import Scheduler
-from tests.test_scheduler import (_alone, _assert_no_leak, _check_refs, _params, _prompts,
+from tests.test_scheduler import (_alone, _assert_no_leak, _params, _prompts,
                                   gen, model_dir, no_eos)  # noqa: F401 (fixtures)
 
 
@@ -81,23 +77,6 @@ def test_stopping_with_a_step_in_flight_aborts_it(gen):
     _assert_no_leak(gen.cache)
 
 
-def test_context_limit_with_lookahead(model_dir):
-    short = LlamaGenerator(model_dir, device="cpu", kv_cache_tokens=4096)
-    short.engine.context = 20
-    got, _ = _run(short, _prompts(2, 15, seed=12), [_params(50)] * 2, True)
-    assert [len(g) for g in got] == [5, 5]
-
-
-def test_preemption_with_lookahead_equals_alone(model_dir):
-    small = LlamaGenerator(model_dir, device="cpu", kv_cache_tokens=160)   # 10 blocks
-    small.engine.eos_ids = set()
-    prompts = _prompts(4, 30, seed=3)
-    want = [_alone(small, p, _params(24)) for p in prompts]
-    got, sched = _run(small, prompts, [_params(24)] * 4, True)
-    assert sched.num_preemptions > 0 and got == want
-    _assert_no_leak(small.cache)
-
-
 def test_blocks_filled_ahead_are_shared_later(gen):
     gen.cache.allocator.clear_cache()
     prompt = _prompts(1, 20, seed=24)[0]
@@ -111,17 +90,6 @@ def test_blocks_filled_ahead_are_shared_later(gen):
     _assert_no_leak(gen.cache)
 
 
-def test_requests_join_a_batch_that_runs_ahead(gen):
-    prompts = _prompts(3, 12, seed=7)
-    want = [_alone(gen, p, _params(8)) for p in prompts]
-    sched = Scheduler(gen.engine, lookahead=True)
-    seqs = [sched.add(gen.engine.new_sequence(prompts[0], _params(8)))]
-    for step_number, _ in enumerate(sched.run()):
-        if step_number in (2, 4):
-            seqs.append(sched.add(gen.engine.new_sequence(prompts[len(seqs)], _params(8))))
-    assert [s.output_ids for s in seqs] == want
-
-
 def test_sampled_requests_do_not_run_ahead(gen, monkeypatch):
     ahead = _count_ahead(monkeypatch, gen.engine)
     _run(gen, _prompts(2, 5, seed=25), [_params(6, temperature=0.8, seed=1)] * 2, True)
@@ -130,25 +98,3 @@ def test_sampled_requests_do_not_run_ahead(gen, monkeypatch):
 
 def test_lookahead_is_off_by_default_on_the_cpu(gen):
     assert Scheduler(gen.engine).lookahead is False
-
-
-def test_fuzz_with_lookahead_leaves_no_block_behind(model_dir):
-    small = LlamaGenerator(model_dir, device="cpu", kv_cache_tokens=192)   # 12 blocks
-    small.engine.eos_ids = {7, 11}
-    cache, rng = small.cache, random.Random(99)
-    prefixes = _prompts(3, 20, seed=13)
-    sched = Scheduler(small.engine, max_num_batched_tokens=40, max_num_seqs=6, lookahead=True)
-    for _ in range(1000):
-        action = rng.random()
-        if action < 0.15:
-            tail = _prompts(1, rng.randint(0, 12), seed=rng.random())[0]
-            prompt = rng.choice(prefixes)[:rng.randint(1, 20)] + tail
-            sched.add(small.engine.new_sequence(prompt, _params(rng.randint(1, 30))))
-        elif action < 0.22 and (sched.running or sched.waiting):
-            sched.finish(rng.choice([*sched.running, *sched.waiting]))
-        elif sched.has_unfinished:
-            sched.step()
-        _check_refs(cache, sched)
-    assert sched.num_preemptions > 0 and sched.num_cached_tokens > 0
-    sched.abort_all()
-    _assert_no_leak(cache)

@@ -91,12 +91,13 @@ def test_a_mid_prompt_chunk_samples_nothing(gen):
     _assert_no_leak(gen.cache)
 
 
-def test_preemption_recomputes_and_keeps_tokens(model_dir):
+@pytest.mark.parametrize("lookahead", [False, True])
+def test_preemption_recomputes_and_keeps_tokens(model_dir, lookahead):
     small = LlamaGenerator(model_dir, device="cpu", kv_cache_tokens=160)   # 10 blocks
     small.engine.eos_ids = set()
     prompts = _prompts(4, 30, seed=3)
     want = [_alone(small, p, _params(24)) for p in prompts]
-    got, sched = _batched(small, prompts, _params(24))
+    got, sched = _batched(small, prompts, _params(24), lookahead=lookahead)
     assert sched.num_preemptions > 0
     assert got == want and all(len(g) == 24 for g in got)
     _assert_no_leak(small.cache)
@@ -124,10 +125,11 @@ def test_a_later_request_reuses_the_cached_prefix(gen):
     _assert_no_leak(gen.cache)
 
 
-def test_requests_join_between_steps(gen):
+@pytest.mark.parametrize("lookahead", [False, True])
+def test_requests_join_between_steps(gen, lookahead):
     prompts = _prompts(3, 12, seed=7)
     want = [_alone(gen, p, _params(8)) for p in prompts]
-    sched = Scheduler(gen.engine)
+    sched = Scheduler(gen.engine, lookahead=lookahead)
     seqs = [sched.add(gen.engine.new_sequence(prompts[0], _params(8)))]
     for step_number, _ in enumerate(sched.run()):
         if step_number in (2, 4):
@@ -183,10 +185,11 @@ def test_stopping_early_aborts_the_rest(gen):
     _assert_no_leak(gen.cache)
 
 
-def test_context_limit_finishes_a_request(model_dir):
+@pytest.mark.parametrize("lookahead", [False, True])
+def test_context_limit_finishes_a_request(model_dir, lookahead):
     short = LlamaGenerator(model_dir, device="cpu", kv_cache_tokens=4096)
     short.engine.context = 20
-    got, _ = _batched(short, _prompts(2, 15, seed=12), _params(50))
+    got, _ = _batched(short, _prompts(2, 15, seed=12), _params(50), lookahead=lookahead)
     assert [len(g) for g in got] == [5, 5]
 
 
@@ -234,18 +237,24 @@ def test_blocks_held_elsewhere_leave_nothing_to_preempt(model_dir):
     _assert_no_leak(small.cache)
 
 
-def test_fuzz_admit_finish_preempt_leaves_no_block_behind(model_dir):
+# with lookahead, EOS tokens end requests while a step runs ahead of them
+@pytest.mark.parametrize("lookahead, eos_ids, seed, finish_below", [
+    (False, set(), 1234, 0.25), (True, {7, 11}, 99, 0.22)])
+def test_fuzz_admit_finish_preempt_leaves_no_block_behind(model_dir, lookahead, eos_ids, seed,
+                                                          finish_below):
     small = LlamaGenerator(model_dir, device="cpu", kv_cache_tokens=192)   # 12 blocks
-    small.engine.eos_ids = set()
-    cache, rng = small.cache, random.Random(1234)
+    small.engine.eos_ids = eos_ids
+    cache, rng = small.cache, random.Random(seed)
     prefixes = _prompts(3, 20, seed=13)
-    sched = Scheduler(small.engine, max_num_batched_tokens=40, max_num_seqs=6)
+    sched = Scheduler(small.engine, max_num_batched_tokens=40, max_num_seqs=6,
+                      lookahead=lookahead)
     for _ in range(1000):
         action = rng.random()
         if action < 0.15:
-            prompt = rng.choice(prefixes)[:rng.randint(1, 20)] + _prompts(1, rng.randint(0, 12), seed=rng.random())[0]
+            tail = _prompts(1, rng.randint(0, 12), seed=rng.random())[0]
+            prompt = rng.choice(prefixes)[:rng.randint(1, 20)] + tail
             sched.add(small.engine.new_sequence(prompt, _params(rng.randint(1, 30))))
-        elif action < 0.25 and (sched.running or sched.waiting):
+        elif action < finish_below and (sched.running or sched.waiting):
             sched.finish(rng.choice([*sched.running, *sched.waiting]))
         elif sched.has_unfinished:
             sched.step()
