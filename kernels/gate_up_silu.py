@@ -10,7 +10,7 @@ import triton.language as tl
 
 from .dispatch import dot_precision, tune, use_triton
 from .linear import DECODE_MAX_ROWS, linear_ref, linear_triton
-from .rmsnorm import rms_scale, rmsnorm_ref, weighted_tile
+from .rmsnorm import normed_tile, rmsnorm_ref, row_rstd
 from .silu_mul import silu_mul_ref, silu_mul_triton
 
 # (BLOCK_N, BLOCK_K, num_warps, num_stages): kernels.linear's decode list, with the tiles that
@@ -46,26 +46,23 @@ def _decode_gate_up_silu_kernel(x_ptr, w_ptr, out_ptr, nw_ptr, M, N, K, M_BUCKET
     rm = tl.arange(0, 16)  # rows padded to tl.dot's minimum
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
+    if NORM:
+        rstd = row_rstd(x_ptr, M, K, sxm, eps, BLOCK_K)
     gate_rows = w_ptr + rn[None, :].to(tl.int64) * swn
     up_rows = w_ptr + (N + rn[None, :]).to(tl.int64) * swn  # up row j is w13 row I + j
     g = tl.zeros((16, BLOCK_N), dtype=tl.float32)
     u = tl.zeros((16, BLOCK_N), dtype=tl.float32)
-    sum_sq = tl.zeros((16,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
         x = tl.load(x_ptr + rm[:, None] * sxm + kk[None, :],
                     mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
-        if NORM:  # RMSNorm in the same pass (kernels.rmsnorm.weighted_tile)
-            sum_sq += tl.sum(x.to(tl.float32) * x.to(tl.float32), axis=1)
-            x = weighted_tile(x, tl.load(nw_ptr + kk, mask=kk < K, other=0.0))
+        if NORM:
+            x = normed_tile(x, rstd, tl.load(nw_ptr + kk, mask=kk < K, other=0.0))
         w_mask = (rn[None, :] < N) & (kk[:, None] < K)
         wg = tl.load(gate_rows + kk[:, None], mask=w_mask, other=0.0)
         wu = tl.load(up_rows + kk[:, None], mask=w_mask, other=0.0)
         g += tl.dot(x, wg, input_precision=DOT_PREC)
         u += tl.dot(x, wu, input_precision=DOT_PREC)
-    if NORM:
-        rstd = rms_scale(sum_sq, K, eps)[:, None]
-        g, u = g * rstd, u * rstd
     y = g / (1.0 + tl.exp(-g)) * u  # from the fp32 accumulators: no rounding of g and u
     tl.store(out_ptr + rm[:, None] * som + rn[None, :], y.to(out_ptr.dtype.element_ty),
              mask=(rm[:, None] < M) & (rn[None, :] < N))

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .dispatch import dot_precision, sm_count, tune, use_triton
-from .rmsnorm import rms_scale, rmsnorm_ref, rmsnorm_triton, weighted_tile
+from .rmsnorm import normed_tile, rmsnorm_ref, rmsnorm_triton, row_rstd
 
 DECODE_MAX_ROWS = 16
 
@@ -108,20 +108,18 @@ def _decode_linear_kernel(x_ptr, w_ptr, out_ptr, nw_ptr, r_ptr, M, N, K, M_BUCKE
     rm = tl.arange(0, 16)  # rows padded to tl.dot's minimum
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
+    if NORM:
+        rstd = row_rstd(x_ptr, M, K, sxm, eps, BLOCK_K)
     acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
-    sum_sq = tl.zeros((16,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
         x = tl.load(x_ptr + rm[:, None] * sxm + kk[None, :],
                     mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
-        if NORM:  # RMSNorm in the same pass: x * weight here, 1 / rms after the loop
-            sum_sq += tl.sum(x.to(tl.float32) * x.to(tl.float32), axis=1)
-            x = weighted_tile(x, tl.load(nw_ptr + kk, mask=kk < K, other=0.0))
+        if NORM:
+            x = normed_tile(x, rstd, tl.load(nw_ptr + kk, mask=kk < K, other=0.0))
         w = tl.load(w_ptr + rn[None, :].to(tl.int64) * swn + kk[:, None],
                     mask=(rn[None, :] < N) & (kk[:, None] < K), other=0.0)
         acc += tl.dot(x, w, input_precision=DOT_PREC)
-    if NORM:
-        acc *= rms_scale(sum_sq, K, eps)[:, None]
     out_mask = (rm[:, None] < M) & (rn[None, :] < N)
     out = add_residual(acc, r_ptr, rm, rn, srm, out_mask, out_ptr.dtype.element_ty, HAS_RES)
     tl.store(out_ptr + rm[:, None] * som + rn[None, :], out, mask=out_mask)

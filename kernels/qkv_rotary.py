@@ -12,7 +12,7 @@ import triton.language as tl
 
 from .dispatch import dot_precision, tune, use_triton
 from .linear import DECODE_MAX_ROWS, linear, linear_triton
-from .rmsnorm import rms_scale, weighted_tile
+from .rmsnorm import normed_tile, row_rstd
 from .rotary import rotary_cache_write_ref, rotary_cache_write_triton
 
 
@@ -51,24 +51,21 @@ def _decode_qkv_rotary_kernel(x_ptr, w_ptr, nw_ptr, q_ptr, kc_ptr, vc_ptr, pos_p
     rk = tl.arange(0, BLOCK_K)
     first = w_ptr + (head * 2 * HALF + j)[None, :].to(tl.int64) * swn
     second = first + HALF * swn
+    if NORM:
+        rstd = row_rstd(x_ptr, M, K, sxm, eps, BLOCK_K)
     acc1 = tl.zeros((16, BLOCK_P), dtype=tl.float32)
     acc2 = tl.zeros((16, BLOCK_P), dtype=tl.float32)
-    sum_sq = tl.zeros((16,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
         x = tl.load(x_ptr + rm[:, None] * sxm + kk[None, :],
                     mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
-        if NORM:  # RMSNorm in the same pass (kernels.rmsnorm.weighted_tile)
-            sum_sq += tl.sum(x.to(tl.float32) * x.to(tl.float32), axis=1)
-            x = weighted_tile(x, tl.load(nw_ptr + kk, mask=kk < K, other=0.0))
+        if NORM:
+            x = normed_tile(x, rstd, tl.load(nw_ptr + kk, mask=kk < K, other=0.0))
         w_mask = (j[None, :] < HALF) & (kk[:, None] < K)
         acc1 += tl.dot(x, tl.load(first + kk[:, None], mask=w_mask, other=0.0),
                        input_precision=DOT_PREC)
         acc2 += tl.dot(x, tl.load(second + kk[:, None], mask=w_mask, other=0.0),
                        input_precision=DOT_PREC)
-    if NORM:
-        rstd = rms_scale(sum_sq, K, eps)[:, None]
-        acc1, acc2 = acc1 * rstd, acc2 * rstd
     # rounded to the activations' dtype first, as the unfused GEMV's output would be
     x1 = acc1.to(x_ptr.dtype.element_ty).to(tl.float32)
     x2 = acc2.to(x_ptr.dtype.element_ty).to(tl.float32)

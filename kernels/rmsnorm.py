@@ -38,22 +38,27 @@ def _rmsnorm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, s_ptr, H, sx, sr, so, ss, eps,
 
 
 @triton.jit
-def weighted_tile(x, w):
-    """One K tile of a decode GEMV's input times the RMSNorm weight, in the input's dtype.
-
-    A GEMV normalises its own input in one pass: it feeds x * weight to tl.dot, sums x^2 over
-    the same tiles, and scales its fp32 accumulator by 1 / rms after the loop (see rms_scale):
-    a row scale commutes with the product. That removes a launch, and, unlike computing rms
-    first, adds no dependent pass over x before the weight stream starts, a cost that every
-    program of every wave would pay (measured: slower than the separate RMSNorm kernel on the
-    H200, bench/RESULTS.md 2026-12-02). Against the reference it rounds x * rstd * weight to
-    the dtype once, at x * weight, instead of twice."""
-    return (x.to(tl.float32) * w[None, :].to(tl.float32)).to(x.dtype)
+def row_rstd(x_ptr, M, K, sxm, eps, BLOCK_K: tl.constexpr):
+    """1 / rms of each of the (at most 16) rows of x [M, K], in fp32: the prologue with which a
+    decode GEMV normalises its own input, so no separate RMSNorm launch is needed. Every program
+    of the GEMV recomputes it; the rows are a few KB that sit in L2."""
+    rm = tl.arange(0, 16)
+    rk = tl.arange(0, BLOCK_K)
+    sum_sq = tl.zeros((16,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        x = tl.load(x_ptr + rm[:, None] * sxm + kk[None, :],
+                    mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0).to(tl.float32)
+        sum_sq += tl.sum(x * x, axis=1)
+    return tl.rsqrt(sum_sq / K + eps)
 
 
 @triton.jit
-def rms_scale(sum_sq, K, eps):
-    return tl.rsqrt(sum_sq / K + eps)
+def normed_tile(x, rstd, w):
+    """x [16, BLOCK_K] (in the activations' dtype) normalised and scaled, rounded as the
+    reference rounds: x * rstd to x's dtype first, then times the weight."""
+    y = (x.to(tl.float32) * rstd[:, None]).to(x.dtype).to(tl.float32)
+    return (y * w[None, :].to(tl.float32)).to(x.dtype)
 
 
 def rmsnorm_triton(x, weight, eps, residual=None):
