@@ -15,7 +15,6 @@ from kernels.dispatch import sm_count
 from kernels.gate_up_silu import gate_up_silu_ref, gate_up_silu_triton
 from kernels import linear as linear_mod
 from kernels.linear import decode_split_k, linear, linear_triton
-from kernels.qkv_rotary import qkv_rotary_ref, qkv_rotary_triton
 from kernels.rmsnorm import rmsnorm_ref, rmsnorm_triton
 from kernels.rotary import rope_tables, rotary_cache_write_ref, rotary_cache_write_triton
 from kernels.silu_mul import silu_mul_ref, silu_mul_triton
@@ -170,29 +169,6 @@ def test_rotary_cache_write(dtype, T, nq, nkv, hd):
         v = buf[:, (nq + nkv) * hd:].view(T, nkv, hd)
         fn(q, k, v, positions, cos, sin, kc, vc, slots)
         results.append((buf, kc, vc))
-    for got, want in zip(*results):
-        assert rel_err(got, want) < TOL[dtype]
-
-
-@pytest.mark.parametrize("T", [1, 16, 40])  # the fused decode GEMV up to 16 rows
-@pytest.mark.parametrize("hidden,nq,nkv,hd", [(2048, 32, 8, 64), (4096, 32, 8, 128)])  # 1B, 8B
-def test_qkv_rotary(T, hidden, nq, nkv, hd):
-    dtype = torch.bfloat16
-    x = torch.randn(T, hidden, device=DEV, dtype=dtype)
-    wqkv = (torch.randn((nq + 2 * nkv) * hd, hidden, device=DEV) / hidden ** 0.5).to(dtype)
-    norm_weight = (1 + 0.1 * torch.randn(hidden, device=DEV)).to(dtype)
-    positions = torch.randint(0, 4000, (T,), device=DEV)
-    num_blocks, bs = T // 16 + 4, 16
-    slots = torch.randperm(num_blocks * bs, device=DEV)[:T]
-    slots[T // 2] = -1  # a padding row
-    caches = [torch.randn(num_blocks, bs, nkv, hd, device=DEV, dtype=dtype) for _ in range(2)]
-    rope = rope_tables(hd, 4096, 500000.0, None, DEV)
-    results = []
-    for fn, dt in ((qkv_rotary_triton, dtype), (qkv_rotary_ref, torch.float64)):
-        cache = tuple(c.to(dt).clone() for c in caches)
-        q = fn(x.to(dt), wqkv.to(dt), (norm_weight.to(dt), 1e-5), (nq, nkv), rope, cache,
-               positions, slots)
-        results.append((q, *cache))
     for got, want in zip(*results):
         assert rel_err(got, want) < TOL[dtype]
 
