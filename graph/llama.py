@@ -14,8 +14,8 @@ from graph.config import LlamaConfig
 from kernels.attention import paged_attention
 from kernels.gate_up_silu import gate_up_silu
 from kernels.linear import cpu_layout, linear
-from kernels.qkv_rotary import qkv_rotary
-from kernels.rotary import rope_tables
+from kernels.rmsnorm import rmsnorm
+from kernels.rotary import rope_tables, rotary_cache_write
 
 
 @dataclass
@@ -95,45 +95,52 @@ class LlamaModel:
 
     def forward(self, input_ids: torch.Tensor, meta: BatchMeta,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """Run the flattened batch; returns the residual stream after the last block [T, hidden]
-        (not yet normalised: `logits` normalises the rows it projects)."""
+        """Run the flattened batch; returns the final-normed hidden states [T, hidden]."""
         metas = {self.first_device: meta}
-        hidden = self.embed_tokens(input_ids.to(self.first_device))
+        hidden, residual = self.embed_tokens(input_ids.to(self.first_device)), None
         for device, start, end in self.segments:
-            hidden = hidden.to(device)
+            if hidden.device != device:
+                hidden, residual = hidden.to(device), residual.to(device)
             if device not in metas:
                 metas[device] = meta.to(device)
-            hidden = self.run_layers(start, end, hidden, metas[device], kv_caches)
-        return hidden
+            hidden, residual = self.run_layers(start, end, hidden, residual, metas[device],
+                                               kv_caches)
+        return self.final_norm(hidden, residual)
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed[input_ids]
 
-    def run_layers(self, start: int, end: int, hidden, meta: BatchMeta, kv_caches):
-        """Layers start..end-1, all on one device, on the residual stream `hidden`."""
+    def run_layers(self, start: int, end: int, hidden, residual, meta: BatchMeta, kv_caches):
+        """Layers start..end-1, all on one device; residual is None before the first layer."""
         for i in range(start, end):
-            hidden = self._block(self.layers[i], hidden, meta, kv_caches[i])
+            hidden, residual = self._block(self.layers[i], hidden, residual, meta, kv_caches[i])
+        return hidden, residual
+
+    def final_norm(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        if hidden.device != self.last_device:
+            hidden, residual = hidden.to(self.last_device), residual.to(self.last_device)
+        hidden, _ = rmsnorm(hidden, self.norm, self.config.rms_norm_eps, residual)
         return hidden
 
-    def _block(self, w, hidden, meta, kv_cache):
-        # At decode each RMSNorm runs in the prologue of the GEMV that reads it, each residual
-        # add in the epilogue of the GEMV that feeds it, and rotary with the cache write in the
-        # QKV GEMV's epilogue: a block is 5 launches (attention is 2), not 9.
+    def _block(self, w, hidden, residual, meta, kv_cache):
         c = self.config
-        q = qkv_rotary(hidden, w["attention.wqkv"], (w["attention_norm"], c.rms_norm_eps),
-                       (c.num_attention_heads, c.num_key_value_heads), self.rope[hidden.device],
-                       kv_cache, meta.positions, meta.slot_mapping)
+        x, residual = rmsnorm(hidden, w["attention_norm"], c.rms_norm_eps, residual)
+        qkv = linear(x, w["attention.wqkv"])
+        tokens = qkv.shape[0]
+        q = qkv[:, :c.q_size].view(tokens, c.num_attention_heads, c.head_dim)
+        k = qkv[:, c.q_size:c.q_size + c.kv_size].view(tokens, c.num_key_value_heads, c.head_dim)
+        v = qkv[:, c.q_size + c.kv_size:].view(tokens, c.num_key_value_heads, c.head_dim)
+        cos, sin = self.rope[x.device]
         k_cache, v_cache = kv_cache
+        rotary_cache_write(q, k, v, meta.positions, cos, sin, k_cache, v_cache, meta.slot_mapping)
         attn = paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
                                meta.query_start_loc, meta.max_query_len, self.scale,
                                meta.max_seq_len)
-        hidden = linear(attn.reshape(-1, c.q_size), w["attention.wo"], residual=hidden)
-        act = gate_up_silu(hidden, w["feed_forward.w13"], norm=(w["ffn_norm"], c.rms_norm_eps))
-        return linear(act, w["feed_forward.w2"], residual=hidden)
+        hidden = linear(attn.reshape(tokens, c.q_size), w["attention.wo"])
+        x, residual = rmsnorm(hidden, w["ffn_norm"], c.rms_norm_eps, residual)
+        hidden = linear(gate_up_silu(x, w["feed_forward.w13"]), w["feed_forward.w2"])
+        return hidden, residual
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The final norm and the head projection of the given rows of the residual stream, as
-        float32 [rows, vocab]."""
-        hidden = hidden.to(self.last_device)
-        return linear(hidden, self.head, out_dtype=torch.float32,
-                      norm=(self.norm, self.config.rms_norm_eps))
+        """Head projection of the given rows, as float32 [rows, vocab]."""
+        return linear(hidden, self.head, out_dtype=torch.float32)

@@ -10,7 +10,6 @@ import triton.language as tl
 
 from .dispatch import dot_precision, tune, use_triton
 from .linear import DECODE_MAX_ROWS, linear_ref, linear_triton
-from .rmsnorm import normed_tile, rmsnorm_ref, row_rstd
 from .silu_mul import silu_mul_ref, silu_mul_triton
 
 # (BLOCK_N, BLOCK_K, num_warps, num_stages): kernels.linear's decode list, with the tiles that
@@ -27,9 +26,7 @@ def smem_bytes(block_n, block_k, stages, elt=2):
     return (16 + 2 * block_n) * block_k * elt * stages
 
 
-def gate_up_silu_ref(x, w13, norm=None):
-    if norm is not None:
-        x = rmsnorm_ref(x, *norm)[0]
+def gate_up_silu_ref(x, w13):
     return silu_mul_ref(linear_ref(x, w13))
 
 
@@ -37,17 +34,15 @@ def gate_up_silu_ref(x, w13, norm=None):
     configs=tune([triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
                   for n, k, w, s in DECODE_SHAPES],
                  triton.Config({"BLOCK_N": 16, "BLOCK_K": 32})),
-    key=["M_BUCKET", "N", "K", "NORM"],
+    key=["M_BUCKET", "N", "K"],
 )
 @triton.jit
-def _decode_gate_up_silu_kernel(x_ptr, w_ptr, out_ptr, nw_ptr, M, N, K, M_BUCKET, sxm, swn, som,
-                                eps, NORM: tl.constexpr, DOT_PREC: tl.constexpr,
-                                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _decode_gate_up_silu_kernel(x_ptr, w_ptr, out_ptr, M, N, K, M_BUCKET, sxm, swn, som,
+                                DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr,
+                                BLOCK_K: tl.constexpr):
     rm = tl.arange(0, 16)  # rows padded to tl.dot's minimum
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
-    if NORM:
-        rstd = row_rstd(x_ptr, M, K, sxm, eps, BLOCK_K)
     gate_rows = w_ptr + rn[None, :].to(tl.int64) * swn
     up_rows = w_ptr + (N + rn[None, :]).to(tl.int64) * swn  # up row j is w13 row I + j
     g = tl.zeros((16, BLOCK_N), dtype=tl.float32)
@@ -56,8 +51,6 @@ def _decode_gate_up_silu_kernel(x_ptr, w_ptr, out_ptr, nw_ptr, M, N, K, M_BUCKET
         kk = k0 + rk
         x = tl.load(x_ptr + rm[:, None] * sxm + kk[None, :],
                     mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
-        if NORM:
-            x = normed_tile(x, rstd, tl.load(nw_ptr + kk, mask=kk < K, other=0.0))
         w_mask = (rn[None, :] < N) & (kk[:, None] < K)
         wg = tl.load(gate_rows + kk[:, None], mask=w_mask, other=0.0)
         wu = tl.load(up_rows + kk[:, None], mask=w_mask, other=0.0)
@@ -68,11 +61,11 @@ def _decode_gate_up_silu_kernel(x_ptr, w_ptr, out_ptr, nw_ptr, M, N, K, M_BUCKET
              mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
-def gate_up_silu_triton(x, w13, norm=None):
+def gate_up_silu_triton(x, w13):
     M, K = x.shape
     if M > DECODE_MAX_ROWS:
         # the Triton kernels themselves, not the public ops, so interpreter runs test them too
-        return silu_mul_triton(linear_triton(x, w13, norm=norm))
+        return silu_mul_triton(linear_triton(x, w13))
     if x.stride(-1) != 1:
         x = x.contiguous()
     if w13.stride(-1) != 1:
@@ -81,17 +74,15 @@ def gate_up_silu_triton(x, w13, norm=None):
     out = torch.empty((M, I), device=x.device, dtype=x.dtype)
     if M == 0:
         return out
-    norm_weight, eps = norm if norm is not None else (x, 0.0)
     grid = lambda meta: (triton.cdiv(I, meta["BLOCK_N"]),)
-    _decode_gate_up_silu_kernel[grid](x, w13, out, norm_weight, M, I, K, triton.next_power_of_2(M),
-                                      x.stride(0), w13.stride(0), out.stride(0), eps,
-                                      NORM=norm is not None, DOT_PREC=dot_precision(x.dtype))
+    _decode_gate_up_silu_kernel[grid](x, w13, out, M, I, K, triton.next_power_of_2(M),
+                                      x.stride(0), w13.stride(0), out.stride(0),
+                                      DOT_PREC=dot_precision(x.dtype))
     return out
 
 
-def gate_up_silu(x, w13, norm=None):
-    """x [T, K], w13 [2I, K] (gate rows then up rows) -> silu(gate) * up, [T, I] in x.dtype.
-    norm=(norm_weight, eps): x is RMS-normalised first, in the decode kernel's prologue."""
+def gate_up_silu(x, w13):
+    """x [T, K], w13 [2I, K] (gate rows then up rows) -> silu(gate) * up, [T, I] in x.dtype."""
     if use_triton(x):
-        return gate_up_silu_triton(x, w13, norm)
-    return gate_up_silu_ref(x, w13, norm)
+        return gate_up_silu_triton(x, w13)
+    return gate_up_silu_ref(x, w13)

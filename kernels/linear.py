@@ -15,7 +15,6 @@ import triton
 import triton.language as tl
 
 from .dispatch import dot_precision, sm_count, tune, use_triton
-from .rmsnorm import normed_tile, rmsnorm_ref, rmsnorm_triton, row_rstd
 
 DECODE_MAX_ROWS = 16
 
@@ -100,40 +99,23 @@ def _round_split(split, K):
     return triton.cdiv(K, per), per  # no empty split: every partial row gets written
 
 
-@triton.autotune(configs=_decode_configs(), key=["M_BUCKET", "N", "K", "NORM", "HAS_RES"])
+@triton.autotune(configs=_decode_configs(), key=["M_BUCKET", "N", "K"])
 @triton.jit
-def _decode_linear_kernel(x_ptr, w_ptr, out_ptr, nw_ptr, r_ptr, M, N, K, M_BUCKET, sxm, swn, som,
-                          srm, eps, NORM: tl.constexpr, HAS_RES: tl.constexpr,
+def _decode_linear_kernel(x_ptr, w_ptr, out_ptr, M, N, K, M_BUCKET, sxm, swn, som,
                           DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rm = tl.arange(0, 16)  # rows padded to tl.dot's minimum
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
-    if NORM:
-        rstd = row_rstd(x_ptr, M, K, sxm, eps, BLOCK_K)
     acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
         x = tl.load(x_ptr + rm[:, None] * sxm + kk[None, :],
                     mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
-        if NORM:
-            x = normed_tile(x, rstd, tl.load(nw_ptr + kk, mask=kk < K, other=0.0))
         w = tl.load(w_ptr + rn[None, :].to(tl.int64) * swn + kk[:, None],
                     mask=(rn[None, :] < N) & (kk[:, None] < K), other=0.0)
         acc += tl.dot(x, w, input_precision=DOT_PREC)
-    out_mask = (rm[:, None] < M) & (rn[None, :] < N)
-    out = add_residual(acc, r_ptr, rm, rn, srm, out_mask, out_ptr.dtype.element_ty, HAS_RES)
-    tl.store(out_ptr + rm[:, None] * som + rn[None, :], out, mask=out_mask)
-
-
-@triton.jit
-def add_residual(acc, r_ptr, rm, rn, srm, mask, out_ty, HAS_RES: tl.constexpr):
-    """The accumulator in the output dtype, plus the residual tile if HAS_RES, rounded as
-    torch's `linear(x, w) + r` rounds: the product first, then the sum."""
-    out = acc.to(out_ty)
-    if HAS_RES:
-        r = tl.load(r_ptr + rm[:, None].to(tl.int64) * srm + rn[None, :], mask=mask, other=0.0)
-        out = (out.to(tl.float32) + r.to(tl.float32)).to(out_ty)
-    return out
+    tl.store(out_ptr + rm[:, None] * som + rn[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
 @triton.autotune(configs=_SPLIT_CONFIGS, key=["M_BUCKET", "N", "K", "SPLIT_K"])
@@ -166,8 +148,7 @@ def _decode_splitk_kernel(x_ptr, w_ptr, part_ptr, M, N, K, M_BUCKET, SPLIT_K, K_
 
 
 @triton.jit
-def _splitk_reduce_kernel(part_ptr, out_ptr, r_ptr, M, N, SPLIT_K, som, srm,
-                          HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+def _splitk_reduce_kernel(part_ptr, out_ptr, M, N, SPLIT_K, som, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     rn = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = rn < N
@@ -176,48 +157,28 @@ def _splitk_reduce_kernel(part_ptr, out_ptr, r_ptr, M, N, SPLIT_K, som, srm,
     for _ in range(0, SPLIT_K):  # fixed order: the same sum on every run
         acc += tl.load(ptrs, mask=mask, other=0.0)
         ptrs += M * N
-    out = acc.to(out_ptr.dtype.element_ty)
-    if HAS_RES:
-        r = tl.load(r_ptr + row * srm + rn, mask=mask, other=0.0)
-        out = (out.to(tl.float32) + r.to(tl.float32)).to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + row * som + rn, out, mask=mask)
+    tl.store(out_ptr + row * som + rn, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 REDUCE_BLOCK = 1024
 
 
-def _epilogue_args(x, out, norm, residual):
-    """The optional operands' pointers, strides and flags; unused ones point at x (never read)."""
-    norm_weight, eps = norm if norm is not None else (x, 0.0)
-    res = residual if residual is not None else x
-    return dict(nw_ptr=norm_weight, r_ptr=res, srm=res.stride(0), eps=eps,
-                NORM=norm is not None, HAS_RES=residual is not None)
-
-
-def _launch_gemv(x, weight, out, norm, residual):
-    M, K = x.shape
-    N = weight.shape[0]
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)
-    _decode_linear_kernel[grid](x, weight, out, M=M, N=N, K=K, M_BUCKET=triton.next_power_of_2(M),
-                                sxm=x.stride(0), swn=weight.stride(0), som=out.stride(0),
-                                DOT_PREC=dot_precision(x.dtype),
-                                **_epilogue_args(x, out, norm, residual))
-
-
-def _launch_split_k(x, weight, out, split, k_per_split, residual):
-    """The split-K partials and their reduce, which adds the residual; x is normalised already."""
+def _launch_decode(x, weight, out, split, k_per_split):
     M, K = x.shape
     N = weight.shape[0]
     prec = dot_precision(x.dtype)
     m_bucket = triton.next_power_of_2(M)
+    if split == 1:
+        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)
+        _decode_linear_kernel[grid](x, weight, out, M, N, K, m_bucket, x.stride(0),
+                                    weight.stride(0), out.stride(0), DOT_PREC=prec)
+        return
     part = torch.empty((split, M, N), device=x.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), split)
     _decode_splitk_kernel[grid](x, weight, part, M, N, K, m_bucket, split, k_per_split,
                                 x.stride(0), weight.stride(0), DOT_PREC=prec)
-    res = residual if residual is not None else out
-    _splitk_reduce_kernel[(M, triton.cdiv(N, REDUCE_BLOCK))](
-        part, out, res, M, N, split, out.stride(0), res.stride(0), HAS_RES=residual is not None,
-        BLOCK=REDUCE_BLOCK)
+    _splitk_reduce_kernel[(M, triton.cdiv(N, REDUCE_BLOCK))](part, out, M, N, split,
+                                                             out.stride(0), BLOCK=REDUCE_BLOCK)
 
 
 def _fp32_prefill_prune(configs, named_args, **kwargs):
@@ -231,12 +192,12 @@ def _fp32_prefill_prune(configs, named_args, **kwargs):
     return small or configs[-1:]
 
 
-@triton.autotune(configs=_prefill_configs(), key=["M_BUCKET", "N", "K", "HAS_RES"],
+@triton.autotune(configs=_prefill_configs(), key=["M_BUCKET", "N", "K"],
                  prune_configs_by={"early_config_prune": _fp32_prefill_prune})
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
 @triton.jit
-def _prefill_linear_kernel(x_ptr, w_ptr, out_ptr, r_ptr, M, N, K, M_BUCKET, sxm, swn, som, srm,
-                           HAS_RES: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _prefill_linear_kernel(x_ptr, w_ptr, out_ptr, M, N, K, M_BUCKET, sxm, swn, som,
+                           DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr):
     # grouped ordering: GROUP_M row tiles sweep the same weight columns while they sit in L2
     pid = tl.program_id(0)
@@ -262,57 +223,36 @@ def _prefill_linear_kernel(x_ptr, w_ptr, out_ptr, r_ptr, M, N, K, M_BUCKET, sxm,
         acc += tl.dot(x, w, input_precision=DOT_PREC)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-    out_mask = (rm[:, None] < M) & (rn[None, :] < N)
-    out = add_residual(acc, r_ptr, rm, rn, srm, out_mask, out_ptr.dtype.element_ty, HAS_RES)
-    tl.store(out_ptr + rm[:, None].to(tl.int64) * som + rn[None, :], out, mask=out_mask)
+    tl.store(out_ptr + rm[:, None].to(tl.int64) * som + rn[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
-def _launch_gemm(x, weight, out, residual):
-    M, K = x.shape
-    N = weight.shape[0]
-    res = residual if residual is not None else out
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-    _prefill_linear_kernel[grid](x, weight, out, res, M, N, K, triton.next_power_of_2(M),
-                                 x.stride(0), weight.stride(0), out.stride(0), res.stride(0),
-                                 HAS_RES=residual is not None, DOT_PREC=dot_precision(x.dtype))
-
-
-def _unit_rows(t):
-    return t if t is None or t.stride(-1) == 1 else t.contiguous()
-
-
-def linear_triton(x, weight, out_dtype=None, residual=None, norm=None):
-    x, weight, residual = _unit_rows(x), _unit_rows(weight), _unit_rows(residual)
+def linear_triton(x, weight, out_dtype=None):
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if weight.stride(-1) != 1:
+        weight = weight.contiguous()
     M, K = x.shape
     N = weight.shape[0]
     # the kernels cast their fp32 accumulators on store: a float32 output costs no extra pass
     out = torch.empty((M, N), device=x.device, dtype=out_dtype or x.dtype)
     if M == 0:
         return out
-    split = (1, K)
-    if M <= DECODE_MAX_ROWS and DECODE_SPLIT_K:
-        split = decode_split_k(N, K, sm_count(x.device))
-    if M <= DECODE_MAX_ROWS and split[0] == 1:
-        _launch_gemv(x, weight, out, norm, residual)  # normalises x in its prologue
-        return out
-    if norm is not None:
-        x = rmsnorm_triton(x, *norm)[0]
     if M <= DECODE_MAX_ROWS:
-        _launch_split_k(x, weight, out, *split, residual)
+        split = decode_split_k(N, K, sm_count(x.device)) if DECODE_SPLIT_K else (1, K)
+        _launch_decode(x, weight, out, *split)
     else:
-        _launch_gemm(x, weight, out, residual)
+        args = (x, weight, out, M, N, K, triton.next_power_of_2(M), x.stride(0),
+                weight.stride(0), out.stride(0))
+        prec = dot_precision(x.dtype)
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+        _prefill_linear_kernel[grid](*args, DOT_PREC=prec)
     return out
 
 
-def linear(x, weight, out_dtype=None, residual=None, norm=None):
-    """x [T, K], weight [N, K] -> [T, N] in out_dtype (by default x.dtype).
-    norm=(norm_weight, eps): x is RMS-normalised first (kernels.rmsnorm's meaning).
-    residual [T, N]: added to the product, as `linear(x, w) + residual` rounds."""
+def linear(x, weight, out_dtype=None):
+    """x [T, K], weight [N, K] -> [T, N] in out_dtype (by default x.dtype)."""
     if use_triton(x):
-        return linear_triton(x, weight, out_dtype, residual, norm)
-    if norm is not None:
-        x = rmsnorm_ref(x, *norm)[0]
+        return linear_triton(x, weight, out_dtype)
     out = linear_ref(x, weight)
-    if residual is not None:
-        out.add_(residual)
     return out if out_dtype is None else out.to(out_dtype)

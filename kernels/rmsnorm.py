@@ -37,30 +37,6 @@ def _rmsnorm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, s_ptr, H, sx, sr, so, ss, eps,
     tl.store(out_ptr + row * so + cols, (y * w).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def row_rstd(x_ptr, M, K, sxm, eps, BLOCK_K: tl.constexpr):
-    """1 / rms of each of the (at most 16) rows of x [M, K], in fp32: the prologue with which a
-    decode GEMV normalises its own input, so no separate RMSNorm launch is needed. Every program
-    of the GEMV recomputes it; the rows are a few KB that sit in L2."""
-    rm = tl.arange(0, 16)
-    rk = tl.arange(0, BLOCK_K)
-    sum_sq = tl.zeros((16,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + rk
-        x = tl.load(x_ptr + rm[:, None] * sxm + kk[None, :],
-                    mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0).to(tl.float32)
-        sum_sq += tl.sum(x * x, axis=1)
-    return tl.rsqrt(sum_sq / K + eps)
-
-
-@triton.jit
-def normed_tile(x, rstd, w):
-    """x [16, BLOCK_K] (in the activations' dtype) normalised and scaled, rounded as the
-    reference rounds: x * rstd to x's dtype first, then times the weight."""
-    y = (x.to(tl.float32) * rstd[:, None]).to(x.dtype).to(tl.float32)
-    return (y * w[None, :].to(tl.float32)).to(x.dtype)
-
-
 def rmsnorm_triton(x, weight, eps, residual=None):
     if x.stride(-1) != 1:
         x = x.contiguous()

@@ -48,8 +48,8 @@ class _BucketGraphs:
 
     def __init__(self):
         self.graphs: list[torch.cuda.CUDAGraph] = []
-        self.inputs: list[torch.Tensor | None] = []   # the residual stream each segment reads
-        self.outputs: list[torch.Tensor] = []
+        self.inputs: list[tuple[torch.Tensor, torch.Tensor] | None] = []   # hidden, residual
+        self.outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.logits: torch.Tensor | None = None
         self.tokens: torch.Tensor | None = None
 
@@ -95,47 +95,48 @@ class DecodeGraphs:
         return next((b for b in self.buckets if b >= batch), None)
 
     # ---- capture -----------------------------------------------------------------------
-    def _segment_step(self, bucket, index, hidden):
+    def _segment_step(self, bucket, index, hidden, residual):
         """The work of segment `index`: (embed), its layers, (norm + head)."""
         device, start, end = self.model.segments[index]
         inputs = self.inputs[device]
         if index == 0:
             hidden = self.model.embed_tokens(inputs.ids(bucket))
-        hidden = self.model.run_layers(start, end, hidden, inputs.meta(bucket, self.max_seq_len),
-                                       self.cache.layers)
+        hidden, residual = self.model.run_layers(start, end, hidden, residual,
+                                                 inputs.meta(bucket, self.max_seq_len),
+                                                 self.cache.layers)
         if index < len(self.model.segments) - 1:
-            return hidden, None
-        logits = self.model.logits(hidden)
-        return hidden, (logits, argmax(logits))
+            return hidden, residual, None
+        logits = self.model.logits(self.model.final_norm(hidden, residual))
+        return hidden, residual, (logits, argmax(logits))
 
     def capture(self, bucket: int) -> None:
         self._wait_for_uploads()
         self._fill_padding(0, bucket)
         self._upload(self.host.shape[0])
         made = _BucketGraphs()
-        hidden = None
+        hidden = residual = None
         for index, (device, _, _) in enumerate(self.model.segments):
             if index:
-                hidden = hidden.to(device).clone()
-            made.inputs.append(hidden)
-            hidden, head = self._capture_segment(made, bucket, index, hidden)
-            made.outputs.append(hidden)
+                hidden, residual = hidden.to(device).clone(), residual.to(device).clone()
+            made.inputs.append((hidden, residual) if index else None)
+            hidden, residual, head = self._capture_segment(made, bucket, index, hidden, residual)
+            made.outputs.append((hidden, residual))
             if head is not None:
                 made.logits, made.tokens = head
         self.by_bucket[bucket] = made
 
-    def _capture_segment(self, made, bucket, index, hidden):
+    def _capture_segment(self, made, bucket, index, hidden, residual):
         device = self.model.segments[index][0]
         with torch.cuda.device(device):
             stream = torch.cuda.Stream(device)
             stream.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(stream):
                 for _ in range(2):  # warm-up: autotuning and compilation happen outside graphs
-                    self._segment_step(bucket, index, hidden)
+                    self._segment_step(bucket, index, hidden, residual)
             torch.cuda.current_stream(device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pools.get(device)):
-                result = self._segment_step(bucket, index, hidden)
+                result = self._segment_step(bucket, index, hidden, residual)
             self.pools[device] = graph.pool()
         made.graphs.append(graph)
         return result
@@ -185,6 +186,8 @@ class DecodeGraphs:
         made = self.by_bucket[bucket]
         for index, graph in enumerate(made.graphs):
             if index:
-                made.inputs[index].copy_(made.outputs[index - 1], non_blocking=True)
+                (hidden, residual), (prev_h, prev_r) = made.inputs[index], made.outputs[index - 1]
+                hidden.copy_(prev_h, non_blocking=True)
+                residual.copy_(prev_r, non_blocking=True)
             graph.replay()
         return made.logits[:batch], made.tokens[:batch]

@@ -83,29 +83,6 @@ def test_linear(dtype, T, N, K):
     assert rel_err(out, x.double() @ w.double().T) < TOL[dtype]
 
 
-@pytest.mark.parametrize("T", [1, 16, 512])  # the GEMV's prologue/epilogue, and the GEMM's
-@pytest.mark.parametrize("N,K", [(3072, 2048), (2048, 8192)])  # wqkv (normed), w2 (residual)
-def test_linear_norm_and_residual(T, N, K):
-    dtype = torch.bfloat16
-    x, residual = (torch.randn(T, n, device=DEV, dtype=dtype) for n in (K, N))
-    norm_weight = (1 + 0.1 * torch.randn(K, device=DEV)).to(dtype)
-    w = (torch.randn(N, K, device=DEV) / K ** 0.5).to(dtype)
-    out = linear_triton(x, w, residual=residual, norm=(norm_weight, 1e-5))
-    normed = rmsnorm_ref(*up(x, norm_weight), 1e-5)[0]
-    assert rel_err(out, normed @ w.double().T + residual.double()) < TOL[dtype]
-
-
-@pytest.mark.parametrize("T", [1, 512])
-def test_gate_up_silu_normed(T):
-    dtype, I, K = torch.bfloat16, 8192, 2048
-    x = torch.randn(T, K, device=DEV, dtype=dtype)
-    w13 = (torch.randn(2 * I, K, device=DEV) / K ** 0.5).to(dtype)
-    norm_weight = (1 + 0.1 * torch.randn(K, device=DEV)).to(dtype)
-    out = gate_up_silu_triton(x, w13, norm=(norm_weight, 1e-5))
-    ref = gate_up_silu_ref(*up(x, w13), norm=(norm_weight.double(), 1e-5))
-    assert rel_err(out, ref) < TOL[dtype]
-
-
 GATE_UP_CASES = [(dt, i, k) for dt in DTYPES
                  for i, k in ((8192, 2048), (14336, 4096), (1000, 1000))]  # 1B, 8B, ragged
 GATE_UP_CASES.append((torch.float32, 2048, 2048))

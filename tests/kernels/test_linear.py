@@ -4,9 +4,7 @@ import triton
 
 from conftest import TOL, rel_err
 from kernels import linear as linear_mod
-from kernels.linear import (SPLIT_UNIT, cpu_layout, decode_split_k, linear, linear_ref,
-                            linear_triton)
-from kernels.rmsnorm import rmsnorm_ref
+from kernels.linear import SPLIT_UNIT, decode_split_k, linear, linear_ref, linear_triton
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -109,42 +107,3 @@ def test_cpu_layout_gives_the_plain_product(parts, T):
 def test_cpu_weights_are_cut_per_thread(monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
     assert [linear_mod.cpu_parts(n) for n in (576, 960, 49155, 7)] == [4, 4, 3, 1]
-
-
-def _norm_linear_ref(x, norm_weight, w, residual):
-    normed = rmsnorm_ref(x.double(), norm_weight.double(), 1e-5)[0]
-    return linear_ref(normed, w.double()) + residual.double()
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("T", [1, 5, 16, 40])  # prologue in the decode GEMV; RMSNorm kernel above
-@pytest.mark.parametrize("split_k", [False, True])
-def test_linear_norm_prologue_and_residual_epilogue(monkeypatch, dtype, T, split_k):
-    monkeypatch.setattr(linear_mod, "DECODE_SPLIT_K", split_k)  # (4 interpreter SMs: it splits)
-    K, N = 72, 100
-    x = torch.randn(T, K + 8, dtype=dtype)[:, 4:K + 4]  # strided rows
-    norm_weight = torch.rand(K, dtype=dtype) + 0.5
-    w = torch.randn(N, K, dtype=dtype) / K ** 0.5
-    residual = torch.randn(T, N, dtype=dtype)
-    out = linear_triton(x, w, residual=residual, norm=(norm_weight, 1e-5))
-    assert out.shape == (T, N) and out.dtype == dtype
-    assert rel_err(out, _norm_linear_ref(x, norm_weight, w, residual)) < TOL[dtype]
-
-
-@pytest.mark.parametrize("T", [1, 40])
-def test_linear_norm_and_residual_each_alone(T):
-    x, w = torch.randn(T, 64), torch.randn(48, 64) / 8
-    norm_weight, residual = torch.rand(64) + 0.5, torch.randn(T, 48)
-    normed = rmsnorm_ref(x.double(), norm_weight.double(), 1e-5)[0]
-    assert rel_err(linear_triton(x, w, norm=(norm_weight, 1e-5)), normed @ w.double().T) < 1e-5
-    ref = x.double() @ w.double().T + residual.double()
-    assert rel_err(linear_triton(x, w, residual=residual), ref) < 1e-5
-
-
-def test_public_linear_on_cpu_layout_with_norm_and_residual(monkeypatch):
-    monkeypatch.setattr(linear_mod, "linear_triton", lambda *a: pytest.fail("Triton on CPU"))
-    x, w = torch.randn(3, 40, dtype=torch.float64), torch.randn(24, 40, dtype=torch.float64)
-    norm_weight, residual = torch.rand(40, dtype=torch.float64), torch.randn(3, 24, dtype=torch.float64)
-    out = linear(x, cpu_layout(w, 2), residual=residual, norm=(norm_weight, 1e-6))
-    normed = rmsnorm_ref(x, norm_weight, 1e-6)[0]
-    assert torch.allclose(out, normed @ w.T + residual, rtol=1e-12, atol=1e-12)
