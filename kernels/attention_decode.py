@@ -1,12 +1,14 @@
-"""Paged decode attention (one query row per sequence), flash-decoding style.
+"""Paged decode attention (one query row per sequence), flash-decoding style, in one launch.
 
 Grid (sequence, kv head, split). A program packs the GROUP query heads that share one KV head
 into a BLOCK_H >= 16 row tile, so tl.dot runs on tensor cores and K/V are read once per group.
 Each sequence's KV range is cut into NUM_SPLITS chunks of a fixed length derived from the
 maximum length, never from seq_lens, so the grid is the same on every step (CUDA graphs);
 programs whose chunk starts past the sequence's end do nothing. Each split keeps its output
-and log-sum-exp in fp32; a second kernel merges them. The block table may be int32 or int64 with
-any strides: the decode graphs pass a transposed view of their packed input (no copy per step)."""
+and log-sum-exp in fp32; the last split program of a (sequence, kv head) to finish, found with
+an arrival counter, merges them and writes the output, so no second kernel is launched. The
+block table may be int32 or int64 with any strides: the decode graphs pass a transposed view of
+their packed input (no copy per step)."""
 import torch
 import triton
 import triton.language as tl
@@ -15,6 +17,71 @@ from .dispatch import dot_precision, interpreting, sm_count, tune
 
 LOG2E = 1.4426950408889634
 MIN_CHUNK = 256  # below this a split's fixed cost outweighs the parallelism it adds
+MIN_COUNTERS = 16384  # batch x kv heads a counter buffer covers at least: enough for the engine
+
+
+@triton.jit
+def _attend_chunk(q, kc_ptr, vc_ptr, table, kvh, start, end, kcb, kcr, kch, vcb, vcr, vch,
+                  s_tcol, block_size, scale_log2, d, dmask, BLOCK_H: tl.constexpr,
+                  BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Softmax-weighted V over positions [start, end): (output, log2-sum-exp) per head row."""
+    m_i = tl.full((BLOCK_H,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_H,), tl.float32)
+    acc = tl.zeros((BLOCK_H, BLOCK_D), tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        pos = n0 + tl.arange(0, BLOCK_N)
+        pmask = pos < end
+        blk = tl.load(table + (pos // block_size) * s_tcol, mask=pmask, other=0).to(tl.int64)
+        row = (pos % block_size).to(tl.int64)
+        kvmask = pmask[:, None] & dmask[None, :]
+        k = tl.load(kc_ptr + blk[:, None] * kcb + row[:, None] * kcr + kvh * kch + d[None, :],
+                    mask=kvmask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
+        s = tl.where(pmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(vc_ptr + blk[:, None] * vcb + row[:, None] * vcr + kvh * vch + d[None, :],
+                    mask=kvmask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_new
+    return acc / l_i[:, None], m_i + tl.log2(l_i)
+
+
+@triton.jit
+def _is_last_arrival(counter, n_valid):
+    """Count this program in; True for the group's last one, which sets the counter back to zero
+    for the next layer (and for the next replay of the graph, which does not re-zero it)."""
+    # every thread's partial stores come before the atomic, whose release then publishes them
+    tl.debug_barrier()
+    last = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == n_valid - 1
+    if last:
+        tl.store(counter, 0)  # all n_valid programs have arrived: nothing else touches it now
+    return last
+
+
+@triton.jit
+def _merge_partials(po_ptr, plse_ptr, parts, n_valid, hmask, d, dmask, n_heads, HD,
+                    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Combine splits 0 .. n_valid-1 of one group's heads (parts: their rows in split 0).
+    Always in split order, so the result does not depend on which program runs the merge."""
+    m = tl.full((BLOCK_H,), float("-inf"), tl.float32)
+    l = tl.zeros((BLOCK_H,), tl.float32)
+    acc = tl.zeros((BLOCK_H, BLOCK_D), tl.float32)
+    for s in range(0, n_valid):
+        part = parts + s * n_heads
+        # .cg reads L2: other SMs wrote these, and this SM's L1 may hold lines of an older call
+        lse = tl.load(plse_ptr + part, mask=hmask, other=0.0, cache_modifier=".cg")
+        o = tl.load(po_ptr + part[:, None] * HD + d[None, :], mask=hmask[:, None] & dmask[None, :],
+                    other=0.0, cache_modifier=".cg")
+        m_new = tl.maximum(m, lse)
+        alpha = tl.exp2(m - m_new)
+        w = tl.exp2(lse - m_new)
+        acc = acc * alpha[:, None] + w[:, None] * o
+        l = l * alpha + w
+        m = m_new
+    return acc / l[:, None]
 
 
 @triton.autotune(
@@ -25,10 +92,10 @@ MIN_CHUNK = 256  # below this a split's fixed cost outweighs the parallelism it 
 )
 @triton.jit
 def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, qsl_ptr, out_ptr, po_ptr,
-                         plse_ptr, sqt, sqh, kcb, kcr, kch, vcb, vcr, vch, s_table, s_tcol, sot,
-                         soh,                         scale_log2, chunk_len, block_size, n_heads, GROUP, HD, NUM_SPLITS,
-                         BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                         SPLIT: tl.constexpr, DOT_PREC: tl.constexpr):
+                         plse_ptr, counter_ptr, sqt, sqh, kcb, kcr, kch, vcb, vcr, vch, s_table,
+                         s_tcol, sot, soh, scale_log2, chunk_len, block_size, n_heads, GROUP, HD,
+                         NUM_SPLITS, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+                         BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, DOT_PREC: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -43,61 +110,31 @@ def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, qsl_ptr, ou
         hmask = h < GROUP
         d = tl.arange(0, BLOCK_D)
         dmask = d < HD
-        q = tl.load(q_ptr + q_row.to(tl.int64) * sqt + heads[:, None] * sqh + d[None, :],
-                    mask=hmask[:, None] & dmask[None, :], other=0.0)
-        m_i = tl.full((BLOCK_H,), float("-inf"), tl.float32)
-        l_i = tl.zeros((BLOCK_H,), tl.float32)
-        acc = tl.zeros((BLOCK_H, BLOCK_D), tl.float32)
-        table = table_ptr + b.to(tl.int64) * s_table
-        for n0 in range(start, end, BLOCK_N):
-            pos = n0 + tl.arange(0, BLOCK_N)
-            pmask = pos < end
-            blk = tl.load(table + (pos // block_size) * s_tcol, mask=pmask, other=0).to(tl.int64)
-            row = (pos % block_size).to(tl.int64)
-            kvmask = pmask[:, None] & dmask[None, :]
-            k = tl.load(kc_ptr + blk[:, None] * kcb + row[:, None] * kcr + kvh * kch + d[None, :],
-                        mask=kvmask, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
-            s = tl.where(pmask[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(vc_ptr + blk[:, None] * vcb + row[:, None] * vcr + kvh * vch + d[None, :],
-                        mask=kvmask, other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-            m_i = m_new
-        acc = acc / l_i[:, None]
         omask = hmask[:, None] & dmask[None, :]
+        q = tl.load(q_ptr + q_row.to(tl.int64) * sqt + heads[:, None] * sqh + d[None, :],
+                    mask=omask, other=0.0)
+        table = table_ptr + b.to(tl.int64) * s_table
+        o, lse = _attend_chunk(q, kc_ptr, vc_ptr, table, kvh, start, end, kcb, kcr, kch, vcb,
+                               vcr, vch, s_tcol, block_size, scale_log2, d, dmask, BLOCK_H,
+                               BLOCK_D, BLOCK_N, DOT_PREC)
+        out = out_ptr + q_row.to(tl.int64) * sot + heads[:, None] * soh + d[None, :]
         if SPLIT:
-            part = (b * n_heads + heads).to(tl.int64) * NUM_SPLITS + split
-            tl.store(po_ptr + part[:, None] * HD + d[None, :], acc, mask=omask)
-            tl.store(plse_ptr + part, m_i + tl.log2(l_i), mask=hmask)
+            # splits that run for this sequence; the clamp keeps a length past max_seq_len from
+            # waiting for a split that does not exist, which would leave its counter set for good
+            n_valid = tl.minimum(tl.cdiv(seq_len, chunk_len), NUM_SPLITS)
+            if n_valid > 1:
+                parts = (b * NUM_SPLITS * n_heads + heads).to(tl.int64)  # [b, split, head] rows
+                mine = parts + split * n_heads
+                tl.store(po_ptr + mine[:, None] * HD + d[None, :], o, mask=omask)
+                tl.store(plse_ptr + mine, lse, mask=hmask)
+                if _is_last_arrival(counter_ptr + b * tl.num_programs(1) + kvh, n_valid):
+                    merged = _merge_partials(po_ptr, plse_ptr, parts, n_valid, hmask, d, dmask,
+                                             n_heads, HD, BLOCK_H, BLOCK_D)
+                    tl.store(out, merged.to(out_ptr.dtype.element_ty), mask=omask)
+            else:
+                tl.store(out, o.to(out_ptr.dtype.element_ty), mask=omask)
         else:
-            tl.store(out_ptr + q_row.to(tl.int64) * sot + heads[:, None] * soh + d[None, :],
-                     acc.to(out_ptr.dtype.element_ty), mask=omask)
-
-
-@triton.jit
-def _decode_merge_kernel(po_ptr, plse_ptr, lens_ptr, qsl_ptr, out_ptr, sot, soh, chunk_len,
-                         n_heads, HD, NUM_SPLITS, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    q_row = tl.load(qsl_ptr + b)
-    n_q = tl.load(qsl_ptr + b + 1) - q_row
-    if n_q > 0:
-        n_valid = tl.cdiv(tl.load(lens_ptr + b), chunk_len)  # splits that ran for this sequence
-        sp = tl.arange(0, BLOCK_S)
-        smask = sp < n_valid
-        d = tl.arange(0, BLOCK_D)
-        part = (b * n_heads + h).to(tl.int64) * NUM_SPLITS + sp
-        lse = tl.load(plse_ptr + part, mask=smask, other=float("-inf"))
-        w = tl.where(smask, tl.exp2(lse - tl.max(lse, axis=0)), 0.0)
-        o = tl.load(po_ptr + part[:, None] * HD + d[None, :],
-                    mask=smask[:, None] & (d[None, :] < HD), other=0.0)
-        res = tl.sum(w[:, None] * o, axis=0) / tl.sum(w, axis=0)
-        tl.store(out_ptr + q_row.to(tl.int64) * sot + h * soh + d, res.to(out_ptr.dtype.element_ty),
-                 mask=d < HD)
+            tl.store(out, o.to(out_ptr.dtype.element_ty), mask=omask)
 
 
 def decode_splits(device, batch, n_kv, max_len):
@@ -105,6 +142,26 @@ def decode_splits(device, batch, n_kv, max_len):
     min_chunk = 16 if interpreting() else MIN_CHUNK
     want = triton.cdiv(2 * sm_count(device), max(1, batch * n_kv))
     return max(1, min(want, triton.cdiv(max_len, min_chunk)))
+
+
+# One arrival counter per (sequence, kv head), for the merge done by a group's last split program.
+# A CUDA graph bakes in the buffer's address and replays without zeroing it again, so the buffer
+# is zeroed once, left at zero by every launch (the last program resets its counter) and never
+# freed: a larger one, when needed, is added beside the older ones that earlier graphs still use.
+# Launches on one device are stream-ordered, so one buffer per device serves every layer.
+_arrival_counters: dict[torch.device, list[torch.Tensor]] = {}
+
+
+def arrival_counters(device: torch.device, needed: int) -> torch.Tensor:
+    buffers = _arrival_counters.setdefault(device, [])
+    if not buffers or buffers[-1].numel() < needed:
+        # the engine runs each step eagerly before capturing it, so this happens outside graphs;
+        # inside one, the zeroing would not be replayed and the memory would be the graph's
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("paged decode: run a step eagerly before capturing it in a graph")
+        size = max(needed, MIN_COUNTERS)
+        buffers.append(torch.zeros(size, dtype=torch.int32, device=device))
+    return buffers[-1]
 
 
 def paged_decode_triton(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
@@ -117,19 +174,16 @@ def paged_decode_triton(q, k_cache, v_cache, block_tables, seq_lens, query_start
     splits = num_splits or decode_splits(q.device, B, n_kv, max_len)
     chunk_len = triton.cdiv(max_len, splits)
     out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
-    part_o = torch.empty((B, n_heads, splits, hd), device=q.device, dtype=torch.float32)
-    part_lse = torch.empty((B, n_heads, splits), device=q.device, dtype=torch.float32)
-    block_d = triton.next_power_of_2(hd)
+    # laid out [sequence, split, head], so a split's rows for one kv head's group are adjacent
+    part_o = torch.empty((B, splits, n_heads, hd), device=q.device, dtype=torch.float32)
+    part_lse = torch.empty((B, splits, n_heads), device=q.device, dtype=torch.float32)
+    counters = arrival_counters(q.device, B * n_kv)
     _decode_split_kernel[(B, n_kv, splits)](
         q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, part_o, part_lse,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
-        block_tables.stride(1), out.stride(0), out.stride(1), scale * LOG2E, chunk_len, block_size, n_heads, group, hd,
-        splits, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d,
+        counters, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
+        k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0), block_tables.stride(1), out.stride(0), out.stride(1),
+        scale * LOG2E, chunk_len, block_size, n_heads, group, hd, splits,
+        BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_D=triton.next_power_of_2(hd),
         SPLIT=splits > 1, DOT_PREC=dot_precision(q.dtype))
-    if splits > 1:
-        _decode_merge_kernel[(B, n_heads)](
-            part_o, part_lse, seq_lens, query_start_loc, out, out.stride(0), out.stride(1),
-            chunk_len, n_heads, hd, splits, BLOCK_S=max(2, triton.next_power_of_2(splits)),
-            BLOCK_D=block_d)
     return out

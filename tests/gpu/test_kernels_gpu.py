@@ -10,6 +10,7 @@ import torch
 
 from kernels.argmax import argmax
 from kernels.attention import paged_attention, paged_attention_ref, paged_attention_triton
+from kernels import attention_decode
 from kernels.attention_decode import paged_decode_triton
 from kernels.dispatch import sm_count
 from kernels.gate_up_silu import gate_up_silu_ref, gate_up_silu_triton
@@ -183,6 +184,50 @@ def test_paged_decode_batch1_splits(splits):
     out = paged_decode_triton(q, kc, vc, bt, sl, qsl, 128 ** -0.5, 2048, num_splits=splits)
     ref = paged_attention_ref(*up(q, kc, vc), bt, sl, qsl, 1, 128 ** -0.5)
     assert rel_err(out, ref) < TOL[torch.bfloat16]
+
+
+def _decode_counters_at_zero():
+    return all(not c.any() for bufs in attention_decode._arrival_counters.values() for c in bufs)
+
+
+@pytest.mark.parametrize("batch", [1, 3, 8])
+@pytest.mark.parametrize("splits", [None, 32])
+@pytest.mark.parametrize("n_heads,n_kv", [(32, 8), (32, 32)])
+def test_paged_decode_merge_by_last_split(batch, splits, n_heads, n_kv):
+    """The last split program of each (sequence, kv head) merges the group's partials: lengths
+    from one split to all of them, and from batch 3 a padding row (no query row). Runs again
+    bit for bit, which a merge that read a partial before it was visible would break."""
+    lens, q_lens = [2000, 1, 700, 1500, 64, 1999, 129, 1024][:batch], [1] * batch
+    if batch >= 3:
+        q_lens[2] = 0
+    q, kc, vc, bt, sl, qsl = _paged_batch(lens, q_lens, n_heads, n_kv, 128, torch.bfloat16)
+    args = (q, kc, vc, bt, sl, qsl, 128 ** -0.5, 2048)
+    out = paged_decode_triton(*args, num_splits=splits)
+    ref = paged_attention_ref(*up(q, kc, vc), bt, sl, qsl, 1, 128 ** -0.5)
+    assert rel_err(out, ref) < TOL[torch.bfloat16]
+    for _ in range(10):
+        assert torch.equal(paged_decode_triton(*args, num_splits=splits), out)
+    assert _decode_counters_at_zero()
+
+
+def test_paged_decode_merge_cuda_graph():
+    """Replays reuse the arrival counters without zeroing them: every launch must leave them at
+    zero, and the buffer allocated before capture must still be the one in use."""
+    q, kc, vc, bt, sl, qsl = _paged_batch([1800, 300, 5], [1, 1, 1], 32, 8, 128, torch.bfloat16)
+
+    def decode():
+        return paged_decode_triton(q, kc, vc, bt, sl, qsl, 128 ** -0.5, 2048, num_splits=16)
+    decode()  # autotunes and allocates the counters outside the capture
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = decode()
+    for _ in range(3):
+        q.copy_(torch.randn_like(q))
+        g.replay()
+        assert torch.equal(out, decode())
+    ref = paged_attention_ref(*up(q, kc, vc), bt, sl, qsl, 1, 128 ** -0.5)
+    assert rel_err(out, ref) < TOL[torch.bfloat16]
+    assert _decode_counters_at_zero()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -4,6 +4,7 @@ import torch.nn.functional as F
 
 from conftest import TOL, rel_err
 from kernels.attention import paged_attention, paged_attention_ref, paged_attention_triton
+from kernels import attention_decode
 from kernels.attention_decode import paged_decode_triton
 
 
@@ -69,6 +70,82 @@ def test_decode_reads_a_transposed_int64_table():
     out = paged_decode_triton(q, kc, vc, table, lens.long(), qsl, 0.125, num_splits=2)
     ref = paged_attention_ref(q, kc, vc, bt, lens, qsl, 1, 0.125)
     assert rel_err(out, ref) < TOL[torch.float32]
+
+
+def counters_at_zero(device):
+    return all(not c.any() for c in attention_decode._arrival_counters.get(device, []))
+
+
+# 4 splits of a 64-long range, chunks of 16: lengths that use 1 split (5, 16), 2 (17), 3 (40)
+# and all 4 (64); the row of length 50 is padding (no query row), so its splits must not count
+FOLD_LENS, FOLD_Q_LENS = [5, 17, 64, 50, 16, 40], [1, 1, 1, 0, 1, 1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("n_heads,n_kv", [(8, 2), (6, 2), (4, 4)])  # GQA 4, 3 (a ragged tile), 1
+def test_decode_merge_by_last_split(dtype, n_heads, n_kv):
+    """The last split program of each (sequence, kv head) merges that group's partials."""
+    check(FOLD_LENS, FOLD_Q_LENS, n_heads, n_kv, 64, 8, dtype, num_splits=4, max_seq_len=64)
+    assert counters_at_zero(torch.device("cpu"))
+
+
+def test_decode_twice_is_bit_equal_and_leaves_counters_at_zero():
+    """A graph replays the launch without re-zeroing the counters: each launch must reset them."""
+    q, kc, vc, bt, lens, qsl = make_batch(FOLD_LENS, FOLD_Q_LENS, 8, 2, 64, 8, torch.float32)
+    first = paged_decode_triton(q, kc, vc, bt, lens, qsl, 0.125, 64, num_splits=4)
+    assert counters_at_zero(torch.device("cpu"))
+    second = paged_decode_triton(q, kc, vc, bt, lens, qsl, 0.125, 64, num_splits=4)
+    assert torch.equal(first, second)
+    assert counters_at_zero(torch.device("cpu"))
+    ref = paged_attention_ref(q, kc, vc, bt, lens, qsl, 1, 0.125)
+    assert rel_err(second, ref) < TOL[torch.float32]
+
+
+@pytest.fixture
+def shuffle_programs(monkeypatch):
+    """The interpreter runs programs one at a time in grid order, so a group's last split is
+    always its highest and groups never interleave. On a GPU any program may finish last: the
+    returned switch makes every later launch run its programs in a fresh random order."""
+    interpreter = pytest.importorskip("triton.runtime.interpreter")
+    builder = interpreter.interpreter_builder
+    set_grid_idx = type(builder).set_grid_idx
+    order = []
+    gen = torch.Generator().manual_seed(1)
+
+    def shuffled(x, y, z):
+        nx, ny, nz = builder.grid_dim
+        if (x, y, z) == (0, 0, 0):  # a new launch
+            order[:] = torch.randperm(nx * ny * nz, generator=gen).tolist()
+        i = order[(x * ny + y) * nz + z]
+        set_grid_idx(builder, i // (ny * nz), i // nz % ny, i % nz)
+
+    return lambda: monkeypatch.setattr(builder, "set_grid_idx", shuffled)
+
+
+def test_decode_merge_ignores_which_split_ends_last(shuffle_programs):
+    """Groups interleaved and finishing in any order give the in-order result bit for bit."""
+    q, kc, vc, bt, lens, qsl = make_batch(FOLD_LENS, FOLD_Q_LENS, 8, 2, 64, 8, torch.float16)
+    args = (q, kc, vc, bt, lens, qsl, 0.125, 64)
+    in_order = paged_decode_triton(*args, num_splits=4)
+    shuffle_programs()
+    for _ in range(4):
+        assert torch.equal(paged_decode_triton(*args, num_splits=4), in_order)
+        assert counters_at_zero(torch.device("cpu"))
+    ref = paged_attention_ref(q, kc, vc, bt, lens, qsl, 1, 0.125)
+    assert rel_err(in_order, ref) < TOL[torch.float16]
+
+
+def test_decode_counters_grow_and_keep_old_buffers(monkeypatch):
+    """A batch past the buffer gets a larger one; the old one stays (graphs hold its address)."""
+    monkeypatch.setattr(attention_decode, "MIN_COUNTERS", 1)
+    monkeypatch.setattr(attention_decode, "_arrival_counters", {})
+    cpu = torch.device("cpu")
+    small = attention_decode.arrival_counters(cpu, 4)
+    assert attention_decode.arrival_counters(cpu, 3) is small
+    check(FOLD_LENS, FOLD_Q_LENS, 8, 2, 64, 8, torch.float32, num_splits=4, max_seq_len=64)
+    buffers = attention_decode._arrival_counters[cpu]
+    assert buffers[0] is small and buffers[-1].numel() == len(FOLD_LENS) * 2
+    assert counters_at_zero(cpu)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
