@@ -8,7 +8,6 @@ import triton
 import triton.language as tl
 
 from .dispatch import use_triton
-from .pdl import pdl_args, pdl_start
 
 
 def argmax_ref(logits):
@@ -16,9 +15,7 @@ def argmax_ref(logits):
 
 
 @triton.jit
-def _chunk_argmax_kernel(x_ptr, val_ptr, idx_ptr, V, sx, n_chunks, BLOCK: tl.constexpr,
-                         PDL: tl.constexpr):
-    pdl_start(PDL)
+def _chunk_argmax_kernel(x_ptr, val_ptr, idx_ptr, V, sx, n_chunks, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     cols = chunk * BLOCK + tl.arange(0, BLOCK)
@@ -31,9 +28,7 @@ def _chunk_argmax_kernel(x_ptr, val_ptr, idx_ptr, V, sx, n_chunks, BLOCK: tl.con
 
 
 @triton.jit
-def _merge_argmax_kernel(val_ptr, idx_ptr, out_ptr, n_chunks, BLOCK_C: tl.constexpr,
-                         PDL: tl.constexpr):
-    pdl_start(PDL)
+def _merge_argmax_kernel(val_ptr, idx_ptr, out_ptr, n_chunks, BLOCK_C: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     c = tl.arange(0, BLOCK_C)
     mask = c < n_chunks
@@ -54,10 +49,9 @@ def argmax_triton(logits, block=4096):
     idxs = torch.empty((B, n_chunks), device=logits.device, dtype=torch.int32)
     out = torch.empty((B,), device=logits.device, dtype=torch.int64)
     _chunk_argmax_kernel[(B, n_chunks)](logits, vals, idxs, V, logits.stride(0), n_chunks,
-                                        BLOCK=block, **pdl_args(logits.device))
+                                        BLOCK=block)
     _merge_argmax_kernel[(B,)](vals, idxs, out, n_chunks,
-                               BLOCK_C=max(triton.next_power_of_2(n_chunks), 2),
-                               **pdl_args(logits.device))
+                               BLOCK_C=max(triton.next_power_of_2(n_chunks), 2))
     return out
 
 

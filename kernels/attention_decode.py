@@ -14,7 +14,6 @@ import triton
 import triton.language as tl
 
 from .dispatch import dot_precision, interpreting, sm_count, tune
-from .pdl import pdl_args, pdl_start
 
 LOG2E = 1.4426950408889634
 MIN_CHUNK = 256  # below this a split's fixed cost outweighs the parallelism it adds
@@ -96,9 +95,7 @@ def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, qsl_ptr, ou
                          plse_ptr, counter_ptr, sqt, sqh, kcb, kcr, kch, vcb, vcr, vch, s_table,
                          s_tcol, sot, soh, scale_log2, chunk_len, block_size, n_heads, GROUP, HD,
                          NUM_SPLITS, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-                         BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, DOT_PREC: tl.constexpr,
-                         PDL: tl.constexpr):
-    pdl_start(PDL)
+                         BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, DOT_PREC: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -188,5 +185,5 @@ def paged_decode_triton(q, k_cache, v_cache, block_tables, seq_lens, query_start
         block_tables.stride(0), block_tables.stride(1), out.stride(0), out.stride(1),
         scale * LOG2E, chunk_len, block_size, n_heads, group, hd, splits,
         BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_D=triton.next_power_of_2(hd),
-        SPLIT=splits > 1, DOT_PREC=dot_precision(q.dtype), **pdl_args(q.device))
+        SPLIT=splits > 1, DOT_PREC=dot_precision(q.dtype))
     return out

@@ -4,7 +4,6 @@ import triton
 import triton.language as tl
 
 from .dispatch import tune, use_triton
-from .pdl import pdl_args, pdl_start
 
 
 def rmsnorm_ref(x, weight, eps, residual=None):
@@ -21,8 +20,7 @@ def rmsnorm_ref(x, weight, eps, residual=None):
 )
 @triton.jit
 def _rmsnorm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, s_ptr, H, sx, sr, so, ss, eps,
-                    HAS_RES: tl.constexpr, PDL: tl.constexpr, BLOCK: tl.constexpr):
-    pdl_start(PDL)
+                    HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < H
@@ -51,7 +49,7 @@ def rmsnorm_triton(x, weight, eps, residual=None):
         residual, s = x, x  # unused by the kernel (HAS_RES=False)
     _rmsnorm_kernel[(T,)](x, residual, weight, out, s, H, x.stride(0), residual.stride(0),
                           out.stride(0), s.stride(0), eps, HAS_RES=residual is not x,
-                          BLOCK=triton.next_power_of_2(H), **pdl_args(x.device))
+                          BLOCK=triton.next_power_of_2(H))
     return out, s
 
 

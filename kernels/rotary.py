@@ -7,7 +7,6 @@ import triton
 import triton.language as tl
 
 from .dispatch import use_triton
-from .pdl import pdl_args, pdl_start
 
 
 def _inv_freq(head_dim, theta, scaling, device):
@@ -98,9 +97,7 @@ def _rotate_to(src, dst, c, s, rows, n_rows, src_stride, dst_stride, d, HALF, RO
 def _rotary_cache_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slot_ptr,
                          sqt, sqh, skt, skh, svt, svh, s_cos, kcb, kcr, kch, vcb, vcr, vch,
                          block_size, NQ, NKV, HALF,
-                         BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr, BLOCK_D: tl.constexpr,
-                         PDL: tl.constexpr):
-    pdl_start(PDL)
+                         BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr, BLOCK_D: tl.constexpr):
     # one program per token: q, k and v of a token are touched exactly once, in one launch
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
@@ -133,7 +130,7 @@ def rotary_cache_write_triton(q, k, v, positions, cos, sin, k_cache, v_cache, sl
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         k_cache.shape[1], NQ, NKV, hd // 2,
         BLOCK_HQ=triton.next_power_of_2(NQ), BLOCK_HKV=triton.next_power_of_2(NKV),
-        BLOCK_D=triton.next_power_of_2(hd // 2), num_warps=4, **pdl_args(q.device))
+        BLOCK_D=triton.next_power_of_2(hd // 2), num_warps=4)
 
 
 def rotary_cache_write(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping):
