@@ -14,10 +14,8 @@ from graph.config import LlamaConfig
 from kernels.attention import paged_attention
 from kernels.gate_up_silu import gate_up_silu
 from kernels.linear import cpu_layout, linear
-from kernels.linear_add_norm import linear_add_norm
 from kernels.rmsnorm import rmsnorm
-from kernels.qkv_rotary import qkv_rotary
-from kernels.rotary import rope_tables
+from kernels.rotary import rope_tables, rotary_cache_write
 
 
 @dataclass
@@ -58,13 +56,8 @@ class LlamaModel:
         self.last_device = self.layer_devices[-1]
         self.scale = config.head_dim ** -0.5
         self.layers = [self._layer_weights(state_dict, i) for i in range(config.num_hidden_layers)]
-        for i, layer in enumerate(self.layers):
-            # each block ends with the norm of what reads its output: the next block's input
-            # norm, or the final norm after the last block (kernels.linear_add_norm)
-            following = (f"layers.{i + 1}.attention_norm.weight"
-                         if i + 1 < config.num_hidden_layers else "norm.weight")
-            layer["next_norm"] = self._take(state_dict, following, self.layer_devices[i])
         self.embed = state_dict["tok_embeddings.weight"].to(self.first_device, self.dtype).contiguous()
+        self.norm = self._take(state_dict, "norm.weight", self.last_device)
         head_name = "tok_embeddings.weight" if config.tie_word_embeddings else "output.weight"
         self.head = self._take(state_dict, head_name, self.last_device)
         # runs of consecutive layers on one device; a CUDA graph is captured per segment
@@ -112,36 +105,41 @@ class LlamaModel:
                 metas[device] = meta.to(device)
             hidden, residual = self.run_layers(start, end, hidden, residual, metas[device],
                                                kv_caches)
-        return hidden
+        return self.final_norm(hidden, residual)
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed[input_ids]
 
     def run_layers(self, start: int, end: int, hidden, residual, meta: BatchMeta, kv_caches):
-        """Layers start..end-1, all on one device. In: the embeddings (residual None) or what an
-        earlier run_layers returned. Out: (the residual stream normalised by the norm of what
-        reads it next: layer `end`'s input norm, or the final norm; the residual stream)."""
-        if residual is None:
-            hidden, residual = rmsnorm(hidden, self.layers[start]["attention_norm"],
-                                       self.config.rms_norm_eps)
+        """Layers start..end-1, all on one device; residual is None before the first layer."""
         for i in range(start, end):
             hidden, residual = self._block(self.layers[i], hidden, residual, meta, kv_caches[i])
         return hidden, residual
 
-    def _block(self, w, x, residual, meta, kv_cache):
-        """x: this block's input, normalised already; returns the next one and the stream. At
-        decode each of the 5 launches does what 9 did (qkv_rotary, linear_add_norm)."""
+    def final_norm(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        if hidden.device != self.last_device:
+            hidden, residual = hidden.to(self.last_device), residual.to(self.last_device)
+        hidden, _ = rmsnorm(hidden, self.norm, self.config.rms_norm_eps, residual)
+        return hidden
+
+    def _block(self, w, hidden, residual, meta, kv_cache):
         c = self.config
-        q = qkv_rotary(x, w["attention.wqkv"], (c.num_attention_heads, c.num_key_value_heads),
-                       self.rope[x.device], kv_cache, meta.positions, meta.slot_mapping)
+        x, residual = rmsnorm(hidden, w["attention_norm"], c.rms_norm_eps, residual)
+        qkv = linear(x, w["attention.wqkv"])
+        tokens = qkv.shape[0]
+        q = qkv[:, :c.q_size].view(tokens, c.num_attention_heads, c.head_dim)
+        k = qkv[:, c.q_size:c.q_size + c.kv_size].view(tokens, c.num_key_value_heads, c.head_dim)
+        v = qkv[:, c.q_size + c.kv_size:].view(tokens, c.num_key_value_heads, c.head_dim)
+        cos, sin = self.rope[x.device]
         k_cache, v_cache = kv_cache
+        rotary_cache_write(q, k, v, meta.positions, cos, sin, k_cache, v_cache, meta.slot_mapping)
         attn = paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
                                meta.query_start_loc, meta.max_query_len, self.scale,
                                meta.max_seq_len)
-        x, residual = linear_add_norm(attn.reshape(-1, c.q_size), w["attention.wo"], residual,
-                                      w["ffn_norm"], c.rms_norm_eps)
-        return linear_add_norm(gate_up_silu(x, w["feed_forward.w13"]), w["feed_forward.w2"],
-                               residual, w["next_norm"], c.rms_norm_eps)
+        hidden = linear(attn.reshape(tokens, c.q_size), w["attention.wo"])
+        x, residual = rmsnorm(hidden, w["ffn_norm"], c.rms_norm_eps, residual)
+        hidden = linear(gate_up_silu(x, w["feed_forward.w13"]), w["feed_forward.w2"])
+        return hidden, residual
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Head projection of the given rows, as float32 [rows, vocab]."""

@@ -48,7 +48,7 @@ def _linear_parts(x, weight):
     return out.transpose(0, 1).reshape(x.shape[0], parts * n)
 
 
-def decode_configs():
+def _decode_configs():
     shapes = [(16, 256, 4, 4), (16, 512, 4, 3), (16, 128, 2, 4), (32, 256, 4, 4),
               (32, 512, 8, 3), (64, 256, 4, 4), (64, 128, 4, 4), (128, 128, 4, 4)]
     return tune([triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
@@ -99,22 +99,12 @@ def _round_split(split, K):
     return triton.cdiv(K, per), per  # no empty split: every partial row gets written
 
 
-@triton.autotune(configs=decode_configs(), key=["M_BUCKET", "N", "K"])
+@triton.autotune(configs=_decode_configs(), key=["M_BUCKET", "N", "K"])
 @triton.jit
 def _decode_linear_kernel(x_ptr, w_ptr, out_ptr, M, N, K, M_BUCKET, sxm, swn, som,
                           DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    rm = tl.arange(0, 16)
-    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = gemv_tile(x_ptr, w_ptr, M, N, K, sxm, swn, rn, DOT_PREC, BLOCK_N, BLOCK_K)
-    tl.store(out_ptr + rm[:, None] * som + rn[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=(rm[:, None] < M) & (rn[None, :] < N))
-
-
-@triton.jit
-def gemv_tile(x_ptr, w_ptr, M, N, K, sxm, swn, rn, DOT_PREC: tl.constexpr,
-              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """fp32 [16, BLOCK_N]: the M (<= 16) rows of x times weight columns rn, over all of K."""
     rm = tl.arange(0, 16)  # rows padded to tl.dot's minimum
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -124,7 +114,8 @@ def gemv_tile(x_ptr, w_ptr, M, N, K, sxm, swn, rn, DOT_PREC: tl.constexpr,
         w = tl.load(w_ptr + rn[None, :].to(tl.int64) * swn + kk[:, None],
                     mask=(rn[None, :] < N) & (kk[:, None] < K), other=0.0)
         acc += tl.dot(x, w, input_precision=DOT_PREC)
-    return acc
+    tl.store(out_ptr + rm[:, None] * som + rn[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
 @triton.autotune(configs=_SPLIT_CONFIGS, key=["M_BUCKET", "N", "K", "SPLIT_K"])

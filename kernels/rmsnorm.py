@@ -30,17 +30,11 @@ def _rmsnorm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, s_ptr, H, sx, sr, so, ss, eps,
         # round the sum to x's dtype first, exactly like torch's `x + residual`
         x = (x.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)
         tl.store(s_ptr + row * ss + cols, x, mask=mask)
-    normalise_row(x, w_ptr, out_ptr + row * so, cols, mask, H, eps)
-
-
-@triton.jit
-def normalise_row(x, w_ptr, out_ptr, cols, mask, H, eps):
-    """Store one row's norm(x) * weight; x is the row (residual already added) in its dtype."""
     xf = x.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / H + eps)
-    y = (xf * rstd).to(x.dtype).to(tl.float32)
+    y = (xf * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + cols, (y * w).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + row * so + cols, (y * w).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def rmsnorm_triton(x, weight, eps, residual=None):

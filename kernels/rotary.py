@@ -69,25 +69,24 @@ def rotary_cache_write_ref(q, k, v, positions, cos, sin, k_cache, v_cache, slot_
 
 
 @triton.jit
-def _rotate_store(ptr, c, s, rows, n_rows, row_stride, d, HALF, CACHE: tl.constexpr):
+def _rotate_store(ptr, c, s, rows, n_rows, row_stride, d, HALF):
     """Rotate [rows, HALF] pairs (x1, x2) = (x[j], x[j + HALF]) of one token, in fp32, in place."""
     mask = (rows[:, None] < n_rows) & (d[None, :] < HALF)
     p1 = ptr + rows[:, None] * row_stride + d[None, :]
-    x1 = tl.load(p1, mask=mask, other=0.0, cache_modifier=CACHE).to(tl.float32)
-    x2 = tl.load(p1 + HALF, mask=mask, other=0.0, cache_modifier=CACHE).to(tl.float32)
+    x1 = tl.load(p1, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(p1 + HALF, mask=mask, other=0.0).to(tl.float32)
     tl.store(p1, (x1 * c - x2 * s).to(ptr.dtype.element_ty), mask=mask)
     tl.store(p1 + HALF, (x2 * c + x1 * s).to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _rotate_to(src, dst, c, s, rows, n_rows, src_stride, dst_stride, d, HALF, ROTATE: tl.constexpr,
-               CACHE: tl.constexpr):
+def _rotate_to(src, dst, c, s, rows, n_rows, src_stride, dst_stride, d, HALF, ROTATE: tl.constexpr):
     """Copy one token's [rows, 2 * HALF] heads from src to dst, rotating them if ROTATE."""
     mask = (rows[:, None] < n_rows) & (d[None, :] < HALF)
     ps = src + rows[:, None] * src_stride + d[None, :]
     pd = dst + rows[:, None] * dst_stride + d[None, :]
-    x1 = tl.load(ps, mask=mask, other=0.0, cache_modifier=CACHE).to(tl.float32)
-    x2 = tl.load(ps + HALF, mask=mask, other=0.0, cache_modifier=CACHE).to(tl.float32)
+    x1 = tl.load(ps, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(ps + HALF, mask=mask, other=0.0).to(tl.float32)
     if ROTATE:
         x1, x2 = x1 * c - x2 * s, x2 * c + x1 * s
     tl.store(pd, x1.to(dst.dtype.element_ty), mask=mask)
@@ -100,31 +99,20 @@ def _rotary_cache_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, kc_ptr,
                          block_size, NQ, NKV, HALF,
                          BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr, BLOCK_D: tl.constexpr):
     # one program per token: q, k and v of a token are touched exactly once, in one launch
-    rotary_token(tl.program_id(0).to(tl.int64), q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr,
-                 kc_ptr, vc_ptr, slot_ptr, sqt, sqh, skt, skh, svt, svh, s_cos, kcb, kcr, kch,
-                 vcb, vcr, vch, block_size, NQ, NKV, HALF, BLOCK_HQ, BLOCK_HKV, BLOCK_D, "")
-
-
-@triton.jit
-def rotary_token(t, q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slot_ptr,
-                 sqt, sqh, skt, skh, svt, svh, s_cos, kcb, kcr, kch, vcb, vcr, vch, block_size,
-                 NQ, NKV, HALF, BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr,
-                 BLOCK_D: tl.constexpr, CACHE: tl.constexpr):
-    """Token t: rotate its q in place, write rotate(k) and v into the cache. CACHE is the load
-    cache modifier: ".cg" where other programs of the same kernel wrote q, k and v."""
+    t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     d = tl.arange(0, BLOCK_D)
     c = tl.load(cos_ptr + pos * s_cos + d, mask=d < HALF, other=0.0)[None, :]
     s = tl.load(sin_ptr + pos * s_cos + d, mask=d < HALF, other=0.0)[None, :]
-    _rotate_store(q_ptr + t * sqt, c, s, tl.arange(0, BLOCK_HQ), NQ, sqh, d, HALF, CACHE)
+    _rotate_store(q_ptr + t * sqt, c, s, tl.arange(0, BLOCK_HQ), NQ, sqh, d, HALF)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot >= 0:  # negative slots are padding rows: nothing to cache
         hk = tl.arange(0, BLOCK_HKV)
         blk, row = slot // block_size, slot % block_size
         _rotate_to(k_ptr + t * skt, kc_ptr + blk * kcb + row * kcr, c, s, hk, NKV, skh, kch, d,
-                   HALF, True, CACHE)
+                   HALF, True)
         _rotate_to(v_ptr + t * svt, vc_ptr + blk * vcb + row * vcr, c, s, hk, NKV, svh, vch, d,
-                   HALF, False, CACHE)
+                   HALF, False)
 
 
 def rotary_cache_write_triton(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping):

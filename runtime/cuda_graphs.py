@@ -106,7 +106,7 @@ class DecodeGraphs:
                                                  self.cache.layers)
         if index < len(self.model.segments) - 1:
             return hidden, residual, None
-        logits = self.model.logits(hidden)   # normalised by the last block already
+        logits = self.model.logits(self.model.final_norm(hidden, residual))
         return hidden, residual, (logits, argmax(logits))
 
     def capture(self, bucket: int) -> None:

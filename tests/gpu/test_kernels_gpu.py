@@ -10,14 +10,12 @@ import torch
 
 from kernels.argmax import argmax
 from kernels.attention import paged_attention, paged_attention_ref, paged_attention_triton
-from kernels import arrival
+from kernels import attention_decode
 from kernels.attention_decode import paged_decode_triton
 from kernels.dispatch import sm_count
 from kernels.gate_up_silu import gate_up_silu_ref, gate_up_silu_triton
 from kernels import linear as linear_mod
 from kernels.linear import decode_split_k, linear, linear_triton
-from kernels.linear_add_norm import linear_add_norm_ref, linear_add_norm_triton
-from kernels.qkv_rotary import qkv_rotary_ref, qkv_rotary_triton
 from kernels.rmsnorm import rmsnorm_ref, rmsnorm_triton
 from kernels.rotary import rope_tables, rotary_cache_write_ref, rotary_cache_write_triton
 from kernels.silu_mul import silu_mul_ref, silu_mul_triton
@@ -189,7 +187,7 @@ def test_paged_decode_batch1_splits(splits):
 
 
 def _decode_counters_at_zero():
-    return all(not c.any() for bufs in arrival._arrival_counters.values() for c in bufs)
+    return all(not c.any() for bufs in attention_decode._arrival_counters.values() for c in bufs)
 
 
 @pytest.mark.parametrize("batch", [1, 3, 8])
@@ -229,73 +227,6 @@ def test_paged_decode_merge_cuda_graph():
         assert torch.equal(out, decode())
     ref = paged_attention_ref(*up(q, kc, vc), bt, sl, qsl, 1, 128 ** -0.5)
     assert rel_err(out, ref) < TOL[torch.bfloat16]
-    assert _decode_counters_at_zero()
-
-
-@pytest.mark.parametrize("T", [1, 16, 40])  # last-program norm up to 16 rows; GEMM + kernel above
-@pytest.mark.parametrize("N,K", [(2048, 2048), (4096, 14336), (1000, 1000)])  # 1B wo, 8B w2
-def test_linear_add_norm(T, N, K):
-    dtype = torch.bfloat16
-    x, residual = (torch.randn(T, n, device=DEV, dtype=dtype) for n in (K, N))
-    w = (torch.randn(N, K, device=DEV) / K ** 0.5).to(dtype)
-    norm_weight = (1 + 0.1 * torch.randn(N, device=DEV)).to(dtype)
-    out, h = linear_add_norm_triton(x, w, residual, norm_weight, 1e-5)
-    ref_out, ref_h = linear_add_norm_ref(*up(x, w, residual, norm_weight), 1e-5)
-    assert rel_err(h, ref_h) < TOL[dtype] and rel_err(out, ref_out) < TOL[dtype]
-    for _ in range(5):  # a norm that read a column before it was visible would differ
-        again = linear_add_norm_triton(x, w, residual, norm_weight, 1e-5)
-        assert torch.equal(again[0], out) and torch.equal(again[1], h)
-    assert _decode_counters_at_zero()
-
-
-@pytest.mark.parametrize("T", [1, 16, 40])
-@pytest.mark.parametrize("hidden,nq,nkv,hd", [(2048, 32, 8, 64), (4096, 32, 8, 128)])  # 1B, 8B
-def test_qkv_rotary(T, hidden, nq, nkv, hd):
-    dtype = torch.bfloat16
-    x = torch.randn(T, hidden, device=DEV, dtype=dtype)
-    wqkv = (torch.randn((nq + 2 * nkv) * hd, hidden, device=DEV) / hidden ** 0.5).to(dtype)
-    positions = torch.randint(0, 4000, (T,), device=DEV)
-    num_blocks, bs = T // 16 + 4, 16
-    slots = torch.randperm(num_blocks * bs, device=DEV)[:T]
-    slots[T // 2] = -1  # a padding row
-    caches = [torch.randn(num_blocks, bs, nkv, hd, device=DEV, dtype=dtype) for _ in range(2)]
-    rope = rope_tables(hd, 4096, 500000.0, None, DEV)
-    results = []
-    for fn, dt in ((qkv_rotary_triton, dtype), (qkv_rotary_ref, torch.float64),
-                   (qkv_rotary_triton, dtype)):
-        cache = tuple(c.to(dt).clone() for c in caches)
-        q = fn(x.to(dt), wqkv.to(dt), (nq, nkv), rope, cache, positions, slots)
-        results.append((q, *cache))
-    for got, want in zip(*results[:2]):
-        assert rel_err(got, want) < TOL[dtype]
-    assert all(torch.equal(a, b) for a, b in zip(results[0], results[2]))
-    assert _decode_counters_at_zero()
-
-
-def test_last_program_kernels_in_a_cuda_graph():
-    dtype, hidden = torch.bfloat16, 2048
-    x = torch.randn(1, hidden, device=DEV, dtype=dtype)
-    wo = (torch.randn(hidden, hidden, device=DEV) / 45).to(dtype)
-    wqkv = (torch.randn(3072, hidden, device=DEV) / 45).to(dtype)
-    residual, norm_weight = torch.randn_like(x), torch.ones(hidden, device=DEV, dtype=dtype)
-    cache = tuple(torch.zeros(4, 16, 8, 64, device=DEV, dtype=dtype) for _ in range(2))
-    rope, pos, slot = rope_tables(64, 128, 10000.0, None, DEV), torch.tensor([9], device=DEV), \
-        torch.tensor([21], device=DEV)
-
-    def step():
-        normed, h = linear_add_norm_triton(x, wo, residual, norm_weight, 1e-5)
-        return qkv_rotary_triton(normed, wqkv, (32, 8), rope, cache, pos, slot), h
-    step()  # autotunes and allocates the counters outside the capture
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        q, h = step()
-    for _ in range(3):
-        x.copy_(torch.randn_like(x))
-        g.replay()
-        k_row = cache[0][1, 5].clone()
-        want_q, want_h = step()
-        assert torch.equal(q, want_q) and torch.equal(h, want_h)
-        assert torch.equal(k_row, cache[0][1, 5])
     assert _decode_counters_at_zero()
 
 

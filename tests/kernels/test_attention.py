@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from conftest import TOL, rel_err
 from kernels.attention import paged_attention, paged_attention_ref, paged_attention_triton
-from kernels import arrival
+from kernels import attention_decode
 from kernels.attention_decode import paged_decode_triton
 
 
@@ -73,7 +73,7 @@ def test_decode_reads_a_transposed_int64_table():
 
 
 def counters_at_zero(device):
-    return all(not c.any() for c in arrival._arrival_counters.get(device, []))
+    return all(not c.any() for c in attention_decode._arrival_counters.get(device, []))
 
 
 # 4 splits of a 64-long range, chunks of 16: lengths that use 1 split (5, 16), 2 (17), 3 (40)
@@ -137,13 +137,13 @@ def test_decode_merge_ignores_which_split_ends_last(shuffle_programs):
 
 def test_decode_counters_grow_and_keep_old_buffers(monkeypatch):
     """A batch past the buffer gets a larger one; the old one stays (graphs hold its address)."""
-    monkeypatch.setattr(arrival, "MIN_COUNTERS", 1)
-    monkeypatch.setattr(arrival, "_arrival_counters", {})
+    monkeypatch.setattr(attention_decode, "MIN_COUNTERS", 1)
+    monkeypatch.setattr(attention_decode, "_arrival_counters", {})
     cpu = torch.device("cpu")
-    small = arrival.arrival_counters(cpu, 4)
-    assert arrival.arrival_counters(cpu, 3) is small
+    small = attention_decode.arrival_counters(cpu, 4)
+    assert attention_decode.arrival_counters(cpu, 3) is small
     check(FOLD_LENS, FOLD_Q_LENS, 8, 2, 64, 8, torch.float32, num_splits=4, max_seq_len=64)
-    buffers = arrival._arrival_counters[cpu]
+    buffers = attention_decode._arrival_counters[cpu]
     assert buffers[0] is small and buffers[-1].numel() == len(FOLD_LENS) * 2
     assert counters_at_zero(cpu)
 
