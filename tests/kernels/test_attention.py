@@ -107,7 +107,9 @@ def shuffle_programs(monkeypatch):
     always its highest and groups never interleave. On a GPU any program may finish last: the
     returned switch makes every later launch run its programs in a fresh random order."""
     interpreter = pytest.importorskip("triton.runtime.interpreter")
-    builder = interpreter.interpreter_builder
+    builder = getattr(interpreter, "interpreter_builder", None)
+    if not (hasattr(builder, "set_grid_idx") and hasattr(builder, "set_grid_dim")):
+        pytest.skip("this triton's interpreter cannot be made to reorder programs")
     set_grid_idx = type(builder).set_grid_idx
     order = []
     gen = torch.Generator().manual_seed(1)
