@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .attention_block import attend_kv_block
 from .dispatch import dot_precision, interpreting, sm_count, tune
 
 LOG2E = 1.4426950408889634
@@ -31,21 +32,9 @@ def _attend_chunk(q, kc_ptr, vc_ptr, table, kvh, start, end, kcb, kcr, kch, vcb,
     for n0 in range(start, end, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
         pmask = pos < end
-        blk = tl.load(table + (pos // block_size) * s_tcol, mask=pmask, other=0).to(tl.int64)
-        row = (pos % block_size).to(tl.int64)
-        kvmask = pmask[:, None] & dmask[None, :]
-        k = tl.load(kc_ptr + blk[:, None] * kcb + row[:, None] * kcr + kvh * kch + d[None, :],
-                    mask=kvmask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
-        s = tl.where(pmask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(vc_ptr + blk[:, None] * vcb + row[:, None] * vcr + kvh * vch + d[None, :],
-                    mask=kvmask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-        m_i = m_new
+        m_i, l_i, acc = attend_kv_block(q, m_i, l_i, acc, pos, pmask, pmask[None, :], table,
+                                        s_tcol, kc_ptr, vc_ptr, kvh, kcb, kcr, kch, vcb, vcr, vch,
+                                        block_size, d, dmask, scale_log2, DOT_PREC)
     return acc / l_i[:, None], m_i + tl.log2(l_i)
 
 

@@ -8,6 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .attention_block import attend_kv_block
 from .dispatch import dot_precision, tune
 
 LOG2E = 1.4426950408889634
@@ -50,21 +51,10 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, qsl_ptr, out_ptr
         for n0 in range(0, kv_end, BLOCK_N):
             pos = n0 + tl.arange(0, BLOCK_N)
             pmask = pos < kv_end
-            blk = tl.load(table + pos // block_size, mask=pmask, other=0).to(tl.int64)
-            row = (pos % block_size).to(tl.int64)
-            kvmask = pmask[:, None] & dmask[None, :]
-            k = tl.load(kc_ptr + blk[:, None] * kcb + row[:, None] * kcr + kvh * kch + d[None, :],
-                        mask=kvmask, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
-            s = tl.where(pmask[None, :] & (pos[None, :] <= q_pos[:, None]), s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(vc_ptr + blk[:, None] * vcb + row[:, None] * vcr + kvh * vch + d[None, :],
-                        mask=kvmask, other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-            m_i = m_new
+            visible = pmask[None, :] & (pos[None, :] <= q_pos[:, None])  # causal
+            m_i, l_i, acc = attend_kv_block(q, m_i, l_i, acc, pos, pmask, visible, table, 1,
+                                            kc_ptr, vc_ptr, kvh, kcb, kcr, kch, vcb, vcr, vch,
+                                            block_size, d, dmask, scale_log2, DOT_PREC)
         acc = acc / l_i[:, None]
         tl.store(out_ptr + rows[:, None] * sot + h * soh + d[None, :],
                  acc.to(out_ptr.dtype.element_ty), mask=imask[:, None] & dmask[None, :])
