@@ -11,11 +11,11 @@ from dataclasses import dataclass, fields
 import torch
 
 from graph.config import LlamaConfig
-from kernels.attention import paged_attention
+from kernels.attention import NewTokens, paged_attention
 from kernels.gate_up_silu import gate_up_silu
 from kernels.linear import cpu_layout, linear
 from kernels.rmsnorm import rmsnorm
-from kernels.rotary import rope_tables, rotary_cache_write
+from kernels.rotary import rope_tables
 
 
 @dataclass
@@ -132,10 +132,10 @@ class LlamaModel:
         v = qkv[:, c.q_size + c.kv_size:].view(tokens, c.num_key_value_heads, c.head_dim)
         cos, sin = self.rope[x.device]
         k_cache, v_cache = kv_cache
-        rotary_cache_write(q, k, v, meta.positions, cos, sin, k_cache, v_cache, meta.slot_mapping)
+        new = NewTokens(k, v, meta.positions, meta.slot_mapping, cos, sin)
         attn = paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
                                meta.query_start_loc, meta.max_query_len, self.scale,
-                               meta.max_seq_len)
+                               meta.max_seq_len, new=new)
         hidden = linear(attn.reshape(tokens, c.q_size), w["attention.wo"])
         x, residual = rmsnorm(hidden, w["ffn_norm"], c.rms_norm_eps, residual)
         hidden = linear(gate_up_silu(x, w["feed_forward.w13"]), w["feed_forward.w2"])

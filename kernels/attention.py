@@ -1,12 +1,15 @@
 """Paged causal attention over a block-table KV cache, for prefill and decode alike.
 
 Sequence b owns query rows query_start_loc[b]:query_start_loc[b+1]; its KV length seq_lens[b]
-already counts this step's tokens, so query row i of n sits at position seq_lens[b] - n + i."""
+already counts this step's tokens, so query row i of n sits at position seq_lens[b] - n + i.
+Given this step's k and v (NewTokens), q and k are rotated and k, v written into the cache first:
+at decode on the GPU inside the attention kernel itself, elsewhere by kernels.rotary."""
 import torch
 
-from .attention_decode import paged_decode_triton
+from .attention_decode import NewTokens, paged_decode_triton
 from .attention_prefill import paged_prefill_triton
 from .dispatch import use_triton
+from .rotary import rotary_cache_write_ref, rotary_cache_write_triton
 
 
 def _gather_kv(cache, table, length):
@@ -42,22 +45,33 @@ def paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start
     return out
 
 
+def _write_new_tokens(write, q, new: NewTokens | None, k_cache, v_cache):
+    if new is not None:
+        write(q, new.k, new.v, new.positions, new.cos, new.sin, k_cache, v_cache, new.slots)
+
+
 def paged_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
-                           max_query_len, scale, max_seq_len=None):
+                           max_query_len, scale, max_seq_len=None, new=None):
     for t in (q, k_cache, v_cache):
         assert t.stride(-1) == 1, "paged_attention needs unit stride in the last dimension"
     if q.shape[0] == 0:
         return torch.empty(q.shape, device=q.device, dtype=q.dtype)
     if max_query_len == 1:
         return paged_decode_triton(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
-                                   scale, max_seq_len)
+                                   scale, max_seq_len, new=new)
+    _write_new_tokens(rotary_cache_write_triton, q, new, k_cache, v_cache)
     return paged_prefill_triton(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
                                 max_query_len, scale)
 
 
 def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
-                    max_query_len: int, scale: float, max_seq_len=None):
-    """q [T, n_heads, hd]; caches [num_blocks, block_size, n_kv, hd] -> out [T, n_heads, hd]."""
-    fn = paged_attention_triton if use_triton(q) else paged_attention_ref
-    return fn(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
-              max_query_len, scale, max_seq_len)
+                    max_query_len: int, scale: float, max_seq_len=None,
+                    new: NewTokens | None = None):
+    """q [T, n_heads, hd]; caches [num_blocks, block_size, n_kv, hd] -> out [T, n_heads, hd].
+    With new, q is taken unrotated and may be overwritten."""
+    if use_triton(q):
+        return paged_attention_triton(q, k_cache, v_cache, block_tables, seq_lens,
+                                      query_start_loc, max_query_len, scale, max_seq_len, new)
+    _write_new_tokens(rotary_cache_write_ref, q, new, k_cache, v_cache)
+    return paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
+                               max_query_len, scale, max_seq_len)

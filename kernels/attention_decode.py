@@ -6,9 +6,14 @@ Each sequence's KV range is cut into NUM_SPLITS chunks of a fixed length derived
 maximum length, never from seq_lens, so the grid is the same on every step (CUDA graphs);
 programs whose chunk starts past the sequence's end do nothing. Each split keeps its output
 and log-sum-exp in fp32; the last split program of a (sequence, kv head) to finish, found with
-an arrival counter, merges them and writes the output, so no second kernel is launched. The
+an arrival counter, merges them and writes the output, so no second kernel is launched. Given
+the step's new k and v (NewTokens), every program rotates its q heads itself, and the program
+whose chunk holds the new position rotates k and writes k and v into the cache before it reads
+that chunk: no rotary launch runs before this one. The
 block table may be int32 or int64 with any strides: the decode graphs pass a transposed view of
 their packed input (no copy per step)."""
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -73,6 +78,31 @@ def _merge_partials(po_ptr, plse_ptr, parts, n_valid, hmask, d, dmask, n_heads, 
     return acc / l[:, None]
 
 
+@triton.jit
+def _rotated(ptrs, partner_ptrs, mask, c, s, lo):
+    """Rotary embedding (rotate_half layout) of the rows at ptrs, in fp32: x c - x' s in the
+    first half of each head, x c + x' s in the second, x' being the element half a head away.
+    The same products and sums as kernels/rotary.py, so the same bits."""
+    x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    p = tl.load(partner_ptrs, mask=mask, other=0.0).to(tl.float32)
+    return tl.where(lo, x * c - p * s, x * c + p * s)
+
+
+@triton.jit
+def _write_new_kv(k_row, v_row, kc_head, vc_head, slot_ptr, kcb, kcr, vcb, vcr, block_size, d,
+                  partner, dmask, c, s, lo):
+    """Rotate this token's k row of one KV head and write it and its v row into the cache."""
+    slot = tl.load(slot_ptr).to(tl.int64)
+    if slot >= 0:  # negative slots are padding rows: nothing to cache
+        blk, row = slot // block_size, slot % block_size
+        k = _rotated(k_row + d, k_row + partner, dmask, c, s, lo)
+        tl.store(kc_head + blk * kcb + row * kcr + d, k.to(kc_head.dtype.element_ty), mask=dmask)
+        v = tl.load(v_row + d, mask=dmask, other=0.0)
+        tl.store(vc_head + blk * vcb + row * vcr + d, v.to(vc_head.dtype.element_ty), mask=dmask)
+    # the program's own loads below read the slot just written: all threads' stores go first
+    tl.debug_barrier()
+
+
 @triton.autotune(
     configs=tune([triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s)
                   for n, w, s in ((64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 8, 2), (32, 4, 3))],
@@ -81,10 +111,12 @@ def _merge_partials(po_ptr, plse_ptr, parts, n_valid, hmask, d, dmask, n_heads, 
 )
 @triton.jit
 def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, qsl_ptr, out_ptr, po_ptr,
-                         plse_ptr, counter_ptr, sqt, sqh, kcb, kcr, kch, vcb, vcr, vch, s_table,
+                         plse_ptr, counter_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr,
+                         sqt, sqh, skt, skh, svt, svh, s_cos, kcb, kcr, kch, vcb, vcr, vch, s_table,
                          s_tcol, sot, soh, scale_log2, chunk_len, block_size, n_heads, GROUP, HD,
                          NUM_SPLITS, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-                         BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, DOT_PREC: tl.constexpr):
+                         BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, DOT_PREC: tl.constexpr,
+                         NEW_KV: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -100,8 +132,24 @@ def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, qsl_ptr, ou
         d = tl.arange(0, BLOCK_D)
         dmask = d < HD
         omask = hmask[:, None] & dmask[None, :]
-        q = tl.load(q_ptr + q_row.to(tl.int64) * sqt + heads[:, None] * sqh + d[None, :],
-                    mask=omask, other=0.0)
+        q_ptrs = q_ptr + q_row.to(tl.int64) * sqt + heads[:, None] * sqh
+        if NEW_KV:
+            pos = tl.load(pos_ptr + q_row).to(tl.int64)
+            half = HD // 2
+            lo = d < half
+            partner = tl.where(lo, d + half, d - half)
+            c = tl.load(cos_ptr + pos * s_cos + d % half, mask=dmask, other=0.0)
+            s = tl.load(sin_ptr + pos * s_cos + d % half, mask=dmask, other=0.0)
+            q = _rotated(q_ptrs + d[None, :], q_ptrs + partner[None, :], omask, c, s, lo)
+            q = q.to(q_ptr.dtype.element_ty)  # rounded as if written back, like the reference
+            n_run = tl.minimum(tl.cdiv(seq_len, chunk_len), NUM_SPLITS)
+            if split == tl.minimum(pos // chunk_len, n_run - 1):  # the one program reading it
+                _write_new_kv(k_ptr + q_row.to(tl.int64) * skt + kvh * skh,
+                              v_ptr + q_row.to(tl.int64) * svt + kvh * svh,
+                              kc_ptr + kvh * kch, vc_ptr + kvh * vch, slot_ptr + q_row, kcb, kcr,
+                              vcb, vcr, block_size, d, partner, dmask, c, s, lo)
+        else:
+            q = tl.load(q_ptrs + d[None, :], mask=omask, other=0.0)
         table = table_ptr + b.to(tl.int64) * s_table
         o, lse = _attend_chunk(q, kc_ptr, vc_ptr, table, kvh, start, end, kcb, kcr, kch, vcb,
                                vcr, vch, s_tcol, block_size, scale_log2, d, dmask, BLOCK_H,
@@ -153,8 +201,20 @@ def arrival_counters(device: torch.device, needed: int) -> torch.Tensor:
     return buffers[-1]
 
 
+class NewTokens(NamedTuple):
+    """This step's k and v rows (one token per sequence) with their positions, cache slots and
+    the rotary tables: given to the decode kernel, it rotates q and k itself and writes k and v
+    into the cache before attending, so no separate rotary launch runs before it."""
+    k: torch.Tensor          # [T, n_kv, hd], not yet rotated
+    v: torch.Tensor          # [T, n_kv, hd]
+    positions: torch.Tensor  # [T]
+    slots: torch.Tensor      # [T], negative for padding rows
+    cos: torch.Tensor        # [max_positions, hd // 2], float32
+    sin: torch.Tensor
+
+
 def paged_decode_triton(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
-                        max_seq_len=None, num_splits=None):
+                        max_seq_len=None, num_splits=None, new: NewTokens | None = None):
     B = seq_lens.shape[0]
     _, n_heads, hd = q.shape
     block_size, n_kv = k_cache.shape[1], k_cache.shape[2]
@@ -167,12 +227,30 @@ def paged_decode_triton(q, k_cache, v_cache, block_tables, seq_lens, query_start
     part_o = torch.empty((B, splits, n_heads, hd), device=q.device, dtype=torch.float32)
     part_lse = torch.empty((B, splits, n_heads), device=q.device, dtype=torch.float32)
     counters = arrival_counters(q.device, B * n_kv)
+    fresh = _new_token_args(new, q)
     _decode_split_kernel[(B, n_kv, splits)](
         q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, part_o, part_lse,
-        counters, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
-        k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        block_tables.stride(0), block_tables.stride(1), out.stride(0), out.stride(1),
-        scale * LOG2E, chunk_len, block_size, n_heads, group, hd, splits,
+        counters, *fresh, q.stride(0), q.stride(1), *_strides(new), k_cache.stride(0),
+        k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
+        v_cache.stride(2), block_tables.stride(0), block_tables.stride(1), out.stride(0),
+        out.stride(1), scale * LOG2E, chunk_len, block_size, n_heads, group, hd, splits,
         BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_D=triton.next_power_of_2(hd),
-        SPLIT=splits > 1, DOT_PREC=dot_precision(q.dtype))
+        SPLIT=splits > 1, DOT_PREC=dot_precision(q.dtype), NEW_KV=new is not None)
     return out
+
+
+def _new_token_args(new: NewTokens | None, q: torch.Tensor) -> tuple:
+    """The kernel's k, v, position, cos, sin and slot pointers (q for each when unused)."""
+    if new is None:
+        return (q,) * 6
+    for t in (new.k, new.v, new.cos, new.sin):
+        assert t.stride(-1) == 1, "paged decode needs unit stride in the last dimension"
+    assert new.cos.stride() == new.sin.stride()
+    return new.k, new.v, new.positions, new.cos, new.sin, new.slots
+
+
+def _strides(new: NewTokens | None) -> tuple:
+    """skt, skh, svt, svh, s_cos."""
+    if new is None:
+        return (0,) * 5
+    return new.k.stride(0), new.k.stride(1), new.v.stride(0), new.v.stride(1), new.cos.stride(0)

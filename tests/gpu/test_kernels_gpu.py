@@ -11,7 +11,7 @@ import torch
 from kernels.argmax import argmax
 from kernels.attention import paged_attention, paged_attention_ref, paged_attention_triton
 from kernels import attention_decode
-from kernels.attention_decode import paged_decode_triton
+from kernels.attention_decode import NewTokens, paged_decode_triton
 from kernels.dispatch import sm_count
 from kernels.gate_up_silu import gate_up_silu_ref, gate_up_silu_triton
 from kernels import linear as linear_mod
@@ -227,6 +227,41 @@ def test_paged_decode_merge_cuda_graph():
         assert torch.equal(out, decode())
     ref = paged_attention_ref(*up(q, kc, vc), bt, sl, qsl, 1, 128 ** -0.5)
     assert rel_err(out, ref) < TOL[torch.bfloat16]
+    assert _decode_counters_at_zero()
+
+
+def _new_tokens(q, bt, sl, qsl, n_kv, block_size=16):
+    """This step's k and v for each query row, at its sequence's last position and slot."""
+    rows = [b for b in range(len(sl)) if qsl[b + 1] > qsl[b]]
+    pos = (sl[rows] - 1).to(torch.int32)
+    slots = (bt[rows, (pos // block_size).long()] * block_size + pos % block_size).to(torch.int32)
+    kv = torch.randn(q.shape[0], 2, n_kv, q.shape[2], device=DEV, dtype=q.dtype)
+    cos, sin = rope_tables(q.shape[2], 4096, 500000.0, device=DEV)
+    return NewTokens(kv[:, 0], kv[:, 1], pos, slots, cos, sin)
+
+
+@pytest.mark.parametrize("batch", [1, 3, 8])
+@pytest.mark.parametrize("splits", [None, 32])
+@pytest.mark.parametrize("n_heads,n_kv", [(32, 8), (32, 32)])
+def test_paged_decode_rotates_and_writes_new_tokens(batch, splits, n_heads, n_kv):
+    """The decode kernel given the step's k and v: the caches as kernels.rotary's reference
+    writes them, and attention over them, at lengths from one split to all, with padding."""
+    lens, q_lens = [2000, 1, 700, 1500, 64, 1999, 129, 1024][:batch], [1] * batch
+    if batch >= 3:
+        q_lens[2] = 0
+    q, kc, vc, bt, sl, qsl = _paged_batch(lens, q_lens, n_heads, n_kv, 128, torch.bfloat16)
+    new = _new_tokens(q, bt, sl, qsl, n_kv)
+    q_ref, kc_ref, vc_ref = q.clone(), kc.clone(), vc.clone()
+    rotary_cache_write_ref(q_ref, new.k, new.v, new.positions, new.cos, new.sin, kc_ref, vc_ref,
+                           new.slots)
+    ref = paged_attention_ref(*up(q_ref, kc_ref, vc_ref), bt, sl, qsl, 1, 128 ** -0.5)
+    out = paged_decode_triton(q, kc, vc, bt, sl, qsl, 128 ** -0.5, 2048, num_splits=splits,
+                              new=new)
+    assert rel_err(out, ref) < TOL[torch.bfloat16]
+    assert rel_err(kc, kc_ref) < TOL[torch.bfloat16] and torch.equal(vc, vc_ref)
+    for _ in range(5):  # the written slot is read back after it is written, in every run
+        assert torch.equal(paged_decode_triton(q, kc, vc, bt, sl, qsl, 128 ** -0.5, 2048,
+                                               num_splits=splits, new=new), out)
     assert _decode_counters_at_zero()
 
 

@@ -5,7 +5,8 @@ import torch.nn.functional as F
 from conftest import TOL, rel_err
 from kernels.attention import paged_attention, paged_attention_ref, paged_attention_triton
 from kernels import attention_decode
-from kernels.attention_decode import paged_decode_triton
+from kernels.attention_decode import NewTokens, paged_decode_triton
+from kernels.rotary import rope_tables, rotary_cache_write_ref, rotary_cache_write_triton
 
 
 def make_batch(seq_lens, q_lens, n_heads, n_kv, hd, block_size, dtype):
@@ -179,3 +180,76 @@ def test_public_dispatch(monkeypatch):
     q, kc, vc, bt, lens, qsl = make_batch([9, 3], [1, 1], 4, 2, 16, 4, torch.float32)
     out = paged_attention(q, kc, vc, bt, lens, qsl, 1, 0.25)
     assert torch.equal(out, paged_attention_ref(q, kc, vc, bt, lens, qsl, 1, 0.25))
+
+
+def new_tokens_for(q, bt, lens, qsl, block_size, n_kv, padding_row=None):
+    """k and v rows for each query row, at its sequence's last position and the cache slot the
+    block table gives it; padding_row marks that row as padding (slot -1)."""
+    T, hd = q.shape[0], q.shape[2]
+    rows = [b for b in range(len(lens)) if qsl[b + 1] > qsl[b]]
+    pos = torch.tensor([int(lens[b]) - 1 for b in rows], dtype=torch.int32)
+    slots = torch.tensor([int(bt[b, p // block_size]) * block_size + p % block_size
+                          for b, p in zip(rows, pos.tolist())], dtype=torch.int32)
+    if padding_row is not None:
+        slots[padding_row] = -1
+    kv = torch.randn(T, 2, n_kv, hd, dtype=q.dtype)  # k and v as strided views of one buffer
+    cos, sin = rope_tables(hd, 128, 10000.0)
+    return NewTokens(kv[:, 0], kv[:, 1], pos, slots, cos, sin)
+
+
+def separately(q, kc, vc, new):
+    """The unfused order: kernels.rotary's reference, then attention on the written cache."""
+    q, kc, vc = q.clone(), kc.clone(), vc.clone()
+    rotary_cache_write_ref(q, new.k, new.v, new.positions, new.cos, new.sin, kc, vc, new.slots)
+    return q, kc, vc
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("n_heads,n_kv", [(8, 2), (6, 2), (2, 2)])
+@pytest.mark.parametrize("hd", [64, 128])
+def test_decode_rotates_and_writes_new_tokens(dtype, n_heads, n_kv, hd):
+    """The decode kernel given the step's k and v: the cache as the rotary reference writes it,
+    the attention as the reference computes it over that cache, one row's slot negative."""
+    q, kc, vc, bt, lens, qsl = make_batch(FOLD_LENS, FOLD_Q_LENS, n_heads, n_kv, hd, 8, dtype)
+    new = new_tokens_for(q, bt, lens, qsl, 8, n_kv, padding_row=2)
+    q_ref, kc_ref, vc_ref = separately(q, kc, vc, new)
+    ref = paged_attention_ref(q_ref.double(), kc_ref.double(), vc_ref.double(), bt, lens, qsl, 1,
+                              hd ** -0.5)
+    out = paged_decode_triton(q, kc, vc, bt, lens, qsl, hd ** -0.5, 64, num_splits=4, new=new)
+    assert rel_err(out, ref) < TOL[dtype]
+    assert rel_err(kc, kc_ref) < TOL[dtype] and torch.equal(vc, vc_ref)
+    assert counters_at_zero(torch.device("cpu"))
+
+
+def test_decode_with_new_tokens_equals_rotary_kernel_then_decode(shuffle_programs):
+    """Against the two launches it replaces (kernels.rotary's kernel, then decode), bit for bit,
+    with the programs run in any order: no program reads the new slot before it is written."""
+    q, kc, vc, bt, lens, qsl = make_batch(FOLD_LENS, FOLD_Q_LENS, 8, 2, 64, 8, torch.float16)
+    new = new_tokens_for(q, bt, lens, qsl, 8, 2)
+    kc2, vc2, q2 = kc.clone(), vc.clone(), q.clone()
+    rotary_cache_write_triton(q2, new.k, new.v, new.positions, new.cos, new.sin, kc2, vc2,
+                              new.slots)
+    want = paged_decode_triton(q2, kc2, vc2, bt, lens, qsl, 0.125, 64, num_splits=4)
+    shuffle_programs()
+    for _ in range(3):
+        got_kc, got_vc = kc.clone(), vc.clone()
+        got = paged_decode_triton(q, got_kc, got_vc, bt, lens, qsl, 0.125, 64, num_splits=4,
+                                  new=new)
+        assert torch.equal(got, want) and torch.equal(got_kc, kc2) and torch.equal(got_vc, vc2)
+
+
+def test_public_attention_writes_new_tokens_on_every_path(monkeypatch):
+    """paged_attention(new=...) on the CPU (reference) and through the Triton prefill path."""
+    q, kc, vc, bt, lens, qsl = make_batch([9, 30], [3, 1], 4, 2, 64, 8, torch.float32)
+    pos = torch.tensor([6, 7, 8, 29], dtype=torch.int32)
+    seq = torch.tensor([0, 0, 0, 1])
+    slots = (bt[seq, pos // 8] * 8 + pos % 8).to(torch.int32)
+    cos, sin = rope_tables(64, 64, 10000.0)
+    new = NewTokens(torch.randn(4, 2, 64), torch.randn(4, 2, 64), pos, slots, cos, sin)
+    q_ref, kc_ref, vc_ref = separately(q, kc, vc, new)
+    ref = paged_attention_ref(q_ref, kc_ref, vc_ref, bt, lens, qsl, 3, 0.125)
+    for fn in (paged_attention, paged_attention_triton):
+        got_kc, got_vc = kc.clone(), vc.clone()
+        out = fn(q.clone(), got_kc, got_vc, bt, lens, qsl, 3, 0.125, None, new)
+        assert rel_err(out, ref) < TOL[torch.float32]
+        assert rel_err(got_kc, kc_ref) < TOL[torch.float32] and torch.equal(got_vc, vc_ref)
