@@ -287,3 +287,19 @@ def test_torch_backend_forces_reference(monkeypatch):
                        paged_attention_ref(q, kc, vc, bt, sl, qsl, 1, 0.125))
     monkeypatch.setenv("LLAMA_TRITON_BACKEND", "triton")
     assert rel_err(linear(x, w), x.double() @ w.double().T) < TOL[torch.bfloat16]
+
+
+def test_l2_prefetch_compiles_and_changes_no_bit(monkeypatch):
+    """The RMSNorm and decode attention kernels with their L2 prefetch of a weight (inline PTX)
+    against the same kernels without it."""
+    weight = torch.randn(3072, 2048, device=DEV, dtype=torch.bfloat16)
+    x, r, nw = (torch.randn(2, 2048, device=DEV, dtype=torch.bfloat16) for _ in range(3))
+    q, kc, vc, bt, sl, qsl = _paged_batch([1800, 300, 5], [1, 1, 1], 32, 8, 128, torch.bfloat16)
+    runs = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("LLAMA_TRITON_PREFETCH", flag)
+        runs.append((*rmsnorm_triton(x, nw[0], 1e-5, r, prefetch=weight),
+                     paged_decode_triton(q, kc, vc, bt, sl, qsl, 128 ** -0.5, 2048,
+                                         prefetch=weight)))
+    for with_prefetch, without in zip(*runs):
+        assert torch.equal(with_prefetch, without)
