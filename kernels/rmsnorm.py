@@ -4,6 +4,7 @@ import triton
 import triton.language as tl
 
 from .dispatch import tune, use_triton
+from .pdl import pdl_args, pdl_release, pdl_wait
 
 
 def rmsnorm_ref(x, weight, eps, residual=None):
@@ -20,20 +21,23 @@ def rmsnorm_ref(x, weight, eps, residual=None):
 )
 @triton.jit
 def _rmsnorm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, s_ptr, H, sx, sr, so, ss, eps,
-                    HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+                    HAS_RES: tl.constexpr, PDL: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < H
+    pdl_wait(PDL)
     x = tl.load(x_ptr + row * sx + cols, mask=mask, other=0.0)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_RES:
         r = tl.load(r_ptr + row * sr + cols, mask=mask, other=0.0)
         # round the sum to x's dtype first, exactly like torch's `x + residual`
         x = (x.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)
+    pdl_release(PDL)  # every load issued: the next kernel may launch (kernels.pdl)
+    if HAS_RES:
         tl.store(s_ptr + row * ss + cols, x, mask=mask)
     xf = x.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / H + eps)
     y = (xf * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * so + cols, (y * w).to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -49,7 +53,7 @@ def rmsnorm_triton(x, weight, eps, residual=None):
         residual, s = x, x  # unused by the kernel (HAS_RES=False)
     _rmsnorm_kernel[(T,)](x, residual, weight, out, s, H, x.stride(0), residual.stride(0),
                           out.stride(0), s.stride(0), eps, HAS_RES=residual is not x,
-                          BLOCK=triton.next_power_of_2(H))
+                          BLOCK=triton.next_power_of_2(H), **pdl_args(x.device))
     return out, s
 
 
