@@ -20,6 +20,7 @@ import triton.language as tl
 
 from .attention_block import attend_kv_block
 from .dispatch import dot_precision, interpreting, sm_count, tune
+from .pdl import pdl_args, pdl_release, pdl_wait
 from .prefetch import prefetch_lines, prefetch_share
 
 LOG2E = 1.4426950408889634
@@ -117,7 +118,7 @@ def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, qsl_ptr, ou
                          s_tcol, sot, soh, scale_log2, chunk_len, block_size, n_heads, GROUP, HD,
                          NUM_SPLITS, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
                          BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, DOT_PREC: tl.constexpr,
-                         NEW_KV: tl.constexpr, PREFETCH: tl.constexpr):
+                         NEW_KV: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -125,6 +126,7 @@ def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, qsl_ptr, ou
         programs = tl.num_programs(0) * tl.num_programs(1) * NUM_SPLITS
         prefetch_share(pf_ptr, pf_lines, (b * tl.num_programs(1) + kvh) * NUM_SPLITS + split,
                        programs)
+    pdl_wait(PDL)  # everything below reads or writes what earlier kernels touch (kernels.pdl)
     q_row = tl.load(qsl_ptr + b)
     n_q = tl.load(qsl_ptr + b + 1) - q_row
     seq_len = tl.load(lens_ptr + b)
@@ -159,6 +161,7 @@ def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, qsl_ptr, ou
         o, lse = _attend_chunk(q, kc_ptr, vc_ptr, table, kvh, start, end, kcb, kcr, kch, vcb,
                                vcr, vch, s_tcol, block_size, scale_log2, d, dmask, BLOCK_H,
                                BLOCK_D, BLOCK_N, DOT_PREC)
+        pdl_release(PDL)
         out = out_ptr + q_row.to(tl.int64) * sot + heads[:, None] * soh + d[None, :]
         if SPLIT:
             # splits that run for this sequence; the clamp keeps a length past max_seq_len from
@@ -243,7 +246,7 @@ def paged_decode_triton(q, k_cache, v_cache, block_tables, seq_lens, query_start
         out.stride(1), scale * LOG2E, chunk_len, block_size, n_heads, group, hd, splits,
         BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_D=triton.next_power_of_2(hd),
         SPLIT=splits > 1, DOT_PREC=dot_precision(q.dtype), NEW_KV=new is not None,
-        PREFETCH=lines > 0)
+        PREFETCH=lines > 0, **pdl_args(q.device))
     return out
 
 

@@ -10,6 +10,7 @@ import triton.language as tl
 
 from .dispatch import dot_precision, tune, use_triton
 from .linear import DECODE_MAX_ROWS, linear_ref, linear_triton
+from .pdl import pdl_args, pdl_release, pdl_wait, prefetch_strip
 from .silu_mul import silu_mul_ref, silu_mul_triton
 
 # (BLOCK_N, BLOCK_K, num_warps, num_stages): kernels.linear's decode list, with the tiles that
@@ -38,11 +39,16 @@ def gate_up_silu_ref(x, w13):
 )
 @triton.jit
 def _decode_gate_up_silu_kernel(x_ptr, w_ptr, out_ptr, M, N, K, M_BUCKET, sxm, swn, som,
-                                DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr,
+                                DOT_PREC: tl.constexpr, PDL: tl.constexpr,
+                                PREFETCH: tl.constexpr, BLOCK_N: tl.constexpr,
                                 BLOCK_K: tl.constexpr):
     rm = tl.arange(0, 16)  # rows padded to tl.dot's minimum
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
+    if PREFETCH:  # both weight strips, before the wait: no kernel writes them (kernels.pdl)
+        prefetch_strip(w_ptr, rn, N - 1, K, swn, BLOCK_N)
+        prefetch_strip(w_ptr, N + rn, 2 * N - 1, K, swn, BLOCK_N)
+    pdl_wait(PDL)
     gate_rows = w_ptr + rn[None, :].to(tl.int64) * swn
     up_rows = w_ptr + (N + rn[None, :]).to(tl.int64) * swn  # up row j is w13 row I + j
     g = tl.zeros((16, BLOCK_N), dtype=tl.float32)
@@ -56,6 +62,7 @@ def _decode_gate_up_silu_kernel(x_ptr, w_ptr, out_ptr, M, N, K, M_BUCKET, sxm, s
         wu = tl.load(up_rows + kk[:, None], mask=w_mask, other=0.0)
         g += tl.dot(x, wg, input_precision=DOT_PREC)
         u += tl.dot(x, wu, input_precision=DOT_PREC)
+    pdl_release(PDL)
     y = g / (1.0 + tl.exp(-g)) * u  # from the fp32 accumulators: no rounding of g and u
     tl.store(out_ptr + rm[:, None] * som + rn[None, :], y.to(out_ptr.dtype.element_ty),
              mask=(rm[:, None] < M) & (rn[None, :] < N))
@@ -77,7 +84,8 @@ def gate_up_silu_triton(x, w13):
     grid = lambda meta: (triton.cdiv(I, meta["BLOCK_N"]),)
     _decode_gate_up_silu_kernel[grid](x, w13, out, M, I, K, triton.next_power_of_2(M),
                                       x.stride(0), w13.stride(0), out.stride(0),
-                                      DOT_PREC=dot_precision(x.dtype))
+                                      DOT_PREC=dot_precision(x.dtype),
+                                      **pdl_args(x.device, prefetch=True))
     return out
 
 

@@ -48,7 +48,10 @@ def prefetch_programs(lines: int, device: torch.device) -> int:
 
 
 @triton.jit
-def _prefetch_l2(ptrs):
+def prefetch_l2(ptrs):
+    """Ask L2 for the line holding each address of `ptrs`; nothing comes back to registers.
+    inline_asm_elementwise needs an output, hence the dummy register; is_pure=False keeps the
+    unused op from being removed. GPU only: the interpreter has no inline asm."""
     tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
                               dtype=tl.int32, is_pure=False, pack=1)
 
@@ -62,4 +65,4 @@ def prefetch_share(base, n_lines, program, programs, BLOCK: tl.constexpr = 256):
     byte_base = base.to(tl.pointer_type(tl.uint8), bitcast=True)
     for first in range(lo, hi, BLOCK):
         line = tl.minimum(first + tl.arange(0, BLOCK), hi - 1)  # repeats the last: no mask
-        _prefetch_l2(byte_base + line.to(tl.int64) * 128)
+        prefetch_l2(byte_base + line.to(tl.int64) * 128)

@@ -5,6 +5,7 @@ import triton.language as tl
 
 from .dispatch import tune, use_triton
 from .linear import DECODE_MAX_ROWS
+from .pdl import pdl_args, pdl_release, pdl_wait
 from .prefetch import prefetch_lines, prefetch_programs, prefetch_share
 
 
@@ -22,30 +23,36 @@ def rmsnorm_ref(x, weight, eps, residual=None):
 )
 @triton.jit
 def _rmsnorm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, s_ptr, pf_ptr, T, H, sx, sr, so, ss, eps,
-                    pf_lines, HAS_RES: tl.constexpr, BLOCK: tl.constexpr, PREFETCH: tl.constexpr):
+                    pf_lines, HAS_RES: tl.constexpr, BLOCK: tl.constexpr, PREFETCH: tl.constexpr,
+                    PDL: tl.constexpr):
     row = tl.program_id(0)
     if row < T:
+        pdl_wait(PDL)
         _rmsnorm_row(x_ptr, r_ptr, w_ptr, out_ptr, s_ptr, row.to(tl.int64), H, sx, sr, so, ss, eps,
-                     HAS_RES, BLOCK)
-    elif PREFETCH:  # programs past the rows only warm L2 for the GEMV that reads the output
+                     HAS_RES, BLOCK, PDL)
+    elif PREFETCH:
+        # programs past the rows only warm L2 for the GEMV that reads the output; they read
+        # nothing another kernel writes, so they need not wait for the kernel before (PDL)
         prefetch_share(pf_ptr, pf_lines, row - T, tl.num_programs(0) - T)
 
 
 @triton.jit
 def _rmsnorm_row(x_ptr, r_ptr, w_ptr, out_ptr, s_ptr, row, H, sx, sr, so, ss, eps,
-                 HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+                 HAS_RES: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     cols = tl.arange(0, BLOCK)
     mask = cols < H
     x = tl.load(x_ptr + row * sx + cols, mask=mask, other=0.0)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_RES:
         r = tl.load(r_ptr + row * sr + cols, mask=mask, other=0.0)
         # round the sum to x's dtype first, exactly like torch's `x + residual`
         x = (x.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)
+    pdl_release(PDL)  # every load issued: the next kernel may launch (kernels.pdl)
+    if HAS_RES:
         tl.store(s_ptr + row * ss + cols, x, mask=mask)
     xf = x.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / H + eps)
     y = (xf * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * so + cols, (y * w).to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -63,7 +70,7 @@ def rmsnorm_triton(x, weight, eps, residual=None, prefetch=None):
     _rmsnorm_kernel[(T + prefetch_programs(lines, x.device),)](
         x, residual, weight, out, s, prefetch if lines else x, T, H, x.stride(0),
         residual.stride(0), out.stride(0), s.stride(0), eps, lines, HAS_RES=residual is not x,
-        BLOCK=triton.next_power_of_2(H), PREFETCH=lines > 0)
+        BLOCK=triton.next_power_of_2(H), PREFETCH=lines > 0, **pdl_args(x.device))
     return out, s
 
 

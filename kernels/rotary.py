@@ -7,6 +7,7 @@ import triton
 import triton.language as tl
 
 from .dispatch import use_triton
+from .pdl import pdl_args, pdl_release, pdl_wait
 
 
 def _inv_freq(head_dim, theta, scaling, device):
@@ -69,50 +70,50 @@ def rotary_cache_write_ref(q, k, v, positions, cos, sin, k_cache, v_cache, slot_
 
 
 @triton.jit
-def _rotate_store(ptr, c, s, rows, n_rows, row_stride, d, HALF):
-    """Rotate [rows, HALF] pairs (x1, x2) = (x[j], x[j + HALF]) of one token, in fp32, in place."""
+def _load_halves(ptr, rows, n_rows, row_stride, d, HALF):
+    """One token's [rows, 2 * HALF] heads as two fp32 halves: (x[:, :HALF], x[:, HALF:])."""
     mask = (rows[:, None] < n_rows) & (d[None, :] < HALF)
     p1 = ptr + rows[:, None] * row_stride + d[None, :]
     x1 = tl.load(p1, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(p1 + HALF, mask=mask, other=0.0).to(tl.float32)
-    tl.store(p1, (x1 * c - x2 * s).to(ptr.dtype.element_ty), mask=mask)
-    tl.store(p1 + HALF, (x2 * c + x1 * s).to(ptr.dtype.element_ty), mask=mask)
+    return x1, x2
 
 
 @triton.jit
-def _rotate_to(src, dst, c, s, rows, n_rows, src_stride, dst_stride, d, HALF, ROTATE: tl.constexpr):
-    """Copy one token's [rows, 2 * HALF] heads from src to dst, rotating them if ROTATE."""
+def _store_halves(ptr, x1, x2, rows, n_rows, row_stride, d, HALF):
+    """The inverse of _load_halves, cast to ptr's dtype."""
     mask = (rows[:, None] < n_rows) & (d[None, :] < HALF)
-    ps = src + rows[:, None] * src_stride + d[None, :]
-    pd = dst + rows[:, None] * dst_stride + d[None, :]
-    x1 = tl.load(ps, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(ps + HALF, mask=mask, other=0.0).to(tl.float32)
-    if ROTATE:
-        x1, x2 = x1 * c - x2 * s, x2 * c + x1 * s
-    tl.store(pd, x1.to(dst.dtype.element_ty), mask=mask)
-    tl.store(pd + HALF, x2.to(dst.dtype.element_ty), mask=mask)
+    p1 = ptr + rows[:, None] * row_stride + d[None, :]
+    tl.store(p1, x1.to(ptr.dtype.element_ty), mask=mask)
+    tl.store(p1 + HALF, x2.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _rotary_cache_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slot_ptr,
                          sqt, sqh, skt, skh, svt, svh, s_cos, kcb, kcr, kch, vcb, vcr, vch,
                          block_size, NQ, NKV, HALF,
-                         BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr, BLOCK_D: tl.constexpr):
-    # one program per token: q, k and v of a token are touched exactly once, in one launch
+                         BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr, BLOCK_D: tl.constexpr,
+                         PDL: tl.constexpr):
+    # one program per token: q, k and v of a token are touched exactly once, in one launch.
+    # Every load comes before every store so that the next kernel may launch in between.
     t = tl.program_id(0).to(tl.int64)
-    pos = tl.load(pos_ptr + t).to(tl.int64)
     d = tl.arange(0, BLOCK_D)
+    hq, hk = tl.arange(0, BLOCK_HQ), tl.arange(0, BLOCK_HKV)
+    pdl_wait(PDL)
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
     c = tl.load(cos_ptr + pos * s_cos + d, mask=d < HALF, other=0.0)[None, :]
     s = tl.load(sin_ptr + pos * s_cos + d, mask=d < HALF, other=0.0)[None, :]
-    _rotate_store(q_ptr + t * sqt, c, s, tl.arange(0, BLOCK_HQ), NQ, sqh, d, HALF)
-    slot = tl.load(slot_ptr + t).to(tl.int64)
+    q1, q2 = _load_halves(q_ptr + t * sqt, hq, NQ, sqh, d, HALF)
+    k1, k2 = _load_halves(k_ptr + t * skt, hk, NKV, skh, d, HALF)
+    v1, v2 = _load_halves(v_ptr + t * svt, hk, NKV, svh, d, HALF)
+    pdl_release(PDL)
+    _store_halves(q_ptr + t * sqt, q1 * c - q2 * s, q2 * c + q1 * s, hq, NQ, sqh, d, HALF)
     if slot >= 0:  # negative slots are padding rows: nothing to cache
-        hk = tl.arange(0, BLOCK_HKV)
         blk, row = slot // block_size, slot % block_size
-        _rotate_to(k_ptr + t * skt, kc_ptr + blk * kcb + row * kcr, c, s, hk, NKV, skh, kch, d,
-                   HALF, True)
-        _rotate_to(v_ptr + t * svt, vc_ptr + blk * vcb + row * vcr, c, s, hk, NKV, svh, vch, d,
-                   HALF, False)
+        _store_halves(kc_ptr + blk * kcb + row * kcr, k1 * c - k2 * s, k2 * c + k1 * s, hk, NKV,
+                      kch, d, HALF)
+        _store_halves(vc_ptr + blk * vcb + row * vcr, v1, v2, hk, NKV, vch, d, HALF)
 
 
 def rotary_cache_write_triton(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping):
@@ -130,7 +131,7 @@ def rotary_cache_write_triton(q, k, v, positions, cos, sin, k_cache, v_cache, sl
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         k_cache.shape[1], NQ, NKV, hd // 2,
         BLOCK_HQ=triton.next_power_of_2(NQ), BLOCK_HKV=triton.next_power_of_2(NKV),
-        BLOCK_D=triton.next_power_of_2(hd // 2), num_warps=4)
+        BLOCK_D=triton.next_power_of_2(hd // 2), num_warps=4, **pdl_args(q.device))
 
 
 def rotary_cache_write(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping):

@@ -48,6 +48,37 @@ def test_fp32_greedy_equals_cpu(hf_and_dir):
     assert gpu == cpu
 
 
+def _step_logits(engine, prompt, steps):
+    """Logits of a prompt's prefill, then of `steps` decode steps (graph replays), [steps + 1,
+    vocab]: a graph's logits are its static buffer, so each is copied before the next step."""
+    from runtime.sampler import SamplingParams
+    seq = engine.new_sequence(prompt, SamplingParams())
+    rows = [engine.forward([seq], [prompt])[0][0].clone()]
+    for t in range(steps):
+        rows.append(engine.forward([seq], [[5 + t]])[0][0].clone())
+    engine.finish(seq, "stop")
+    return torch.stack(rows)
+
+
+def test_programmatic_dependent_launch_changes_no_bit(hf_and_dir, monkeypatch):
+    # the same kernels in every LLAMA_TRITON_PDL mode (kernels/pdl.py): identical tokens and
+    # logits, in bf16, where an input read before the kernel that writes it had finished would
+    # show. The autotuners are keyed without the mode, so every mode runs the same tiles.
+    _, model_dir = hf_and_dir
+    prompt = _ids(30, seed=3)
+    runs = {}
+    for mode in ("0", "1", "prefetch"):
+        monkeypatch.setenv("LLAMA_TRITON_PDL", mode)
+        gen = LlamaGenerator(model_dir, device="cuda", dtype="bfloat16")
+        assert gen.engine.graphs is not None
+        runs[mode] = (gen.generate_ids(prompt, 40), _step_logits(gen.engine, prompt, 12),
+                      gen.logits(prompt + [5, 6, 7]))
+    for mode in ("1", "prefetch"):
+        assert runs[mode][0] == runs["0"][0], mode
+        assert torch.equal(runs[mode][1], runs["0"][1]), mode
+        assert torch.equal(runs[mode][2], runs["0"][2]), mode
+
+
 def test_graph_and_eager_decode_give_the_same_tokens(hf_and_dir):
     # fp32: the graph's attention is split for its fixed max length and eager's for the real
     # one, a different summation order that can flip a near-tie greedy token in bf16

@@ -15,6 +15,7 @@ from kernels.attention_decode import NewTokens, paged_decode_triton
 from kernels.dispatch import sm_count
 from kernels.gate_up_silu import gate_up_silu_ref, gate_up_silu_triton
 from kernels import linear as linear_mod
+from kernels import pdl
 from kernels.linear import decode_split_k, linear, linear_triton
 from kernels.rmsnorm import rmsnorm_ref, rmsnorm_triton
 from kernels.rotary import rope_tables, rotary_cache_write_ref, rotary_cache_write_triton
@@ -125,6 +126,40 @@ def test_linear_split_k_cuda_graph(monkeypatch):
     g.replay()
     torch.cuda.synchronize()
     assert not torch.equal(out, want) and torch.equal(out, linear_triton(x, w))
+
+
+@pytest.mark.parametrize("T", [1, 16])
+def test_pdl_prefetch_in_cuda_graph_changes_no_bit(monkeypatch, T):
+    """The decode GEMVs with programmatic dependent launch and the L2 weight prefetch
+    (LLAMA_TRITON_PDL=prefetch), captured as a chain in which each reads what the one before
+    wrote, give the results of the launches without PDL bit for bit, input after input."""
+    if not pdl.pdl_enabled(torch.device(DEV)):
+        pytest.skip("programmatic dependent launch needs compute capability 9 or newer")
+    x = torch.randn(T, 2048, device=DEV, dtype=torch.bfloat16)
+    wo = (torch.randn(2048, 2048, device=DEV) / 45).to(torch.bfloat16)
+    w13 = (torch.randn(2 * 8192, 2048, device=DEV) / 45).to(torch.bfloat16)
+    w2 = (torch.randn(2048, 8192, device=DEV) / 90).to(torch.bfloat16)
+
+    def chain():  # wo -> gate+up with SiLU -> w2, 1B shapes
+        return linear_triton(gate_up_silu_triton(linear_triton(x, wo), w13), w2)
+
+    inputs = [torch.randn_like(x) for _ in range(3)]
+    monkeypatch.setenv("LLAMA_TRITON_PDL", "0")
+    want = []
+    for value in inputs:  # the first call autotunes; the tuning is reused whatever the mode
+        x.copy_(value)
+        want.append(chain().clone())
+    monkeypatch.setenv("LLAMA_TRITON_PDL", "prefetch")
+    assert pdl.pdl_args(x.device, prefetch=True)["PREFETCH"]
+    assert torch.equal(chain(), want[-1])  # eager, and compiles the PDL kernels before capture
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = chain()
+    for value, expected in zip(inputs, want):
+        x.copy_(value)
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, expected)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -33,7 +33,7 @@ def marked_lines(monkeypatch):
     of 40 lines of which the first 11 (and 5 bytes) are worth prefetching; returns the buffer
     and a check that exactly the first 12 lines were asked for."""
     monkeypatch.setattr(prefetch, "prefetch_enabled", lambda device: True)
-    monkeypatch.setattr(prefetch, "_prefetch_l2", _mark_line)
+    monkeypatch.setattr(prefetch, "prefetch_l2", _mark_line)
     monkeypatch.setattr(prefetch, "MAX_BYTES", 11 * prefetch.LINE + 5)
     monkeypatch.setattr(prefetch, "LINES_PER_PROGRAM", 3)  # 4 programs, the last short
     weight = torch.full((40, prefetch.LINE), 255, dtype=torch.uint8)
