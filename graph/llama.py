@@ -119,15 +119,12 @@ class LlamaModel:
     def final_norm(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         if hidden.device != self.last_device:
             hidden, residual = hidden.to(self.last_device), residual.to(self.last_device)
-        hidden, _ = rmsnorm(hidden, self.norm, self.config.rms_norm_eps, residual,
-                            prefetch=self.head)
+        hidden, _ = rmsnorm(hidden, self.norm, self.config.rms_norm_eps, residual)
         return hidden
 
     def _block(self, w, hidden, residual, meta, kv_cache):
         c = self.config
-        # each kernel between two GEMVs warms L2 with the next GEMV's weights (kernels/prefetch.py)
-        x, residual = rmsnorm(hidden, w["attention_norm"], c.rms_norm_eps, residual,
-                              prefetch=w["attention.wqkv"])
+        x, residual = rmsnorm(hidden, w["attention_norm"], c.rms_norm_eps, residual)
         qkv = linear(x, w["attention.wqkv"])
         tokens = qkv.shape[0]
         q = qkv[:, :c.q_size].view(tokens, c.num_attention_heads, c.head_dim)
@@ -138,10 +135,9 @@ class LlamaModel:
         new = NewTokens(k, v, meta.positions, meta.slot_mapping, cos, sin)
         attn = paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
                                meta.query_start_loc, meta.max_query_len, self.scale,
-                               meta.max_seq_len, new=new, prefetch=w["attention.wo"])
+                               meta.max_seq_len, new=new)
         hidden = linear(attn.reshape(tokens, c.q_size), w["attention.wo"])
-        x, residual = rmsnorm(hidden, w["ffn_norm"], c.rms_norm_eps, residual,
-                              prefetch=w["feed_forward.w13"])
+        x, residual = rmsnorm(hidden, w["ffn_norm"], c.rms_norm_eps, residual)
         hidden = linear(gate_up_silu(x, w["feed_forward.w13"]), w["feed_forward.w2"])
         return hidden, residual
 

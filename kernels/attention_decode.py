@@ -21,7 +21,6 @@ import triton.language as tl
 from .attention_block import attend_kv_block
 from .dispatch import dot_precision, interpreting, sm_count, tune
 from .pdl import pdl_args, pdl_release, pdl_wait
-from .prefetch import prefetch_lines, prefetch_share
 
 LOG2E = 1.4426950408889634
 MIN_CHUNK = 256  # below this a split's fixed cost outweighs the parallelism it adds
@@ -114,19 +113,15 @@ def _write_new_kv(k_row, v_row, kc_head, vc_head, slot_ptr, kcb, kcr, vcb, vcr, 
 @triton.jit
 def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, qsl_ptr, out_ptr, po_ptr,
                          plse_ptr, counter_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr,
-                         pf_ptr, pf_lines, sqt, sqh, skt, skh, svt, svh, s_cos, kcb, kcr, kch, vcb, vcr, vch, s_table,
+                         sqt, sqh, skt, skh, svt, svh, s_cos, kcb, kcr, kch, vcb, vcr, vch, s_table,
                          s_tcol, sot, soh, scale_log2, chunk_len, block_size, n_heads, GROUP, HD,
                          NUM_SPLITS, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
                          BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, DOT_PREC: tl.constexpr,
-                         NEW_KV: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr):
+                         NEW_KV: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)  # everything below reads or writes what earlier kernels touch (kernels.pdl)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
-    if PREFETCH:  # the wo GEMV's weights, while this short kernel leaves DRAM idle
-        programs = tl.num_programs(0) * tl.num_programs(1) * NUM_SPLITS
-        prefetch_share(pf_ptr, pf_lines, (b * tl.num_programs(1) + kvh) * NUM_SPLITS + split,
-                       programs)
-    pdl_wait(PDL)  # everything below reads or writes what earlier kernels touch (kernels.pdl)
     q_row = tl.load(qsl_ptr + b)
     n_q = tl.load(qsl_ptr + b + 1) - q_row
     seq_len = tl.load(lens_ptr + b)
@@ -222,8 +217,7 @@ class NewTokens(NamedTuple):
 
 
 def paged_decode_triton(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
-                        max_seq_len=None, num_splits=None, new: NewTokens | None = None,
-                        prefetch: torch.Tensor | None = None):
+                        max_seq_len=None, num_splits=None, new: NewTokens | None = None):
     B = seq_lens.shape[0]
     _, n_heads, hd = q.shape
     block_size, n_kv = k_cache.shape[1], k_cache.shape[2]
@@ -237,16 +231,15 @@ def paged_decode_triton(q, k_cache, v_cache, block_tables, seq_lens, query_start
     part_lse = torch.empty((B, splits, n_heads), device=q.device, dtype=torch.float32)
     counters = arrival_counters(q.device, B * n_kv)
     fresh = _new_token_args(new, q)
-    lines = prefetch_lines(prefetch)
     _decode_split_kernel[(B, n_kv, splits)](
         q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, part_o, part_lse,
-        counters, *fresh, prefetch if lines else q, lines, q.stride(0), q.stride(1), *_strides(new), k_cache.stride(0),
+        counters, *fresh, q.stride(0), q.stride(1), *_strides(new), k_cache.stride(0),
         k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2), block_tables.stride(0), block_tables.stride(1), out.stride(0),
         out.stride(1), scale * LOG2E, chunk_len, block_size, n_heads, group, hd, splits,
         BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_D=triton.next_power_of_2(hd),
         SPLIT=splits > 1, DOT_PREC=dot_precision(q.dtype), NEW_KV=new is not None,
-        PREFETCH=lines > 0, **pdl_args(q.device))
+        **pdl_args(q.device))
     return out
 
 

@@ -10,7 +10,7 @@ import triton.language as tl
 
 from .dispatch import dot_precision, tune, use_triton
 from .linear import DECODE_MAX_ROWS, linear_ref, linear_triton
-from .pdl import pdl_args, pdl_release, pdl_wait, prefetch_strip
+from .pdl import pdl_args, pdl_release, pdl_wait
 from .silu_mul import silu_mul_ref, silu_mul_triton
 
 # (BLOCK_N, BLOCK_K, num_warps, num_stages): kernels.linear's decode list, with the tiles that
@@ -40,14 +40,11 @@ def gate_up_silu_ref(x, w13):
 @triton.jit
 def _decode_gate_up_silu_kernel(x_ptr, w_ptr, out_ptr, M, N, K, M_BUCKET, sxm, swn, som,
                                 DOT_PREC: tl.constexpr, PDL: tl.constexpr,
-                                PREFETCH: tl.constexpr, BLOCK_N: tl.constexpr,
+                                BLOCK_N: tl.constexpr,
                                 BLOCK_K: tl.constexpr):
     rm = tl.arange(0, 16)  # rows padded to tl.dot's minimum
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
-    if PREFETCH:  # both weight strips, before the wait: no kernel writes them (kernels.pdl)
-        prefetch_strip(w_ptr, rn, N - 1, K, swn, BLOCK_N)
-        prefetch_strip(w_ptr, N + rn, 2 * N - 1, K, swn, BLOCK_N)
     pdl_wait(PDL)
     gate_rows = w_ptr + rn[None, :].to(tl.int64) * swn
     up_rows = w_ptr + (N + rn[None, :]).to(tl.int64) * swn  # up row j is w13 row I + j
@@ -85,7 +82,7 @@ def gate_up_silu_triton(x, w13):
     _decode_gate_up_silu_kernel[grid](x, w13, out, M, I, K, triton.next_power_of_2(M),
                                       x.stride(0), w13.stride(0), out.stride(0),
                                       DOT_PREC=dot_precision(x.dtype),
-                                      **pdl_args(x.device, prefetch=True))
+                                      **pdl_args(x.device))
     return out
 
 

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .dispatch import dot_precision, sm_count, tune, use_triton
-from .pdl import pdl_args, pdl_release, pdl_wait, prefetch_strip
+from .pdl import pdl_args, pdl_release, pdl_wait
 
 DECODE_MAX_ROWS = 16
 
@@ -103,13 +103,11 @@ def _round_split(split, K):
 @triton.autotune(configs=_decode_configs(), key=["M_BUCKET", "N", "K"])
 @triton.jit
 def _decode_linear_kernel(x_ptr, w_ptr, out_ptr, M, N, K, M_BUCKET, sxm, swn, som,
-                          DOT_PREC: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
+                          DOT_PREC: tl.constexpr, PDL: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rm = tl.arange(0, 16)  # rows padded to tl.dot's minimum
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
-    if PREFETCH:  # weights: no earlier kernel writes them, so before the wait (kernels.pdl)
-        prefetch_strip(w_ptr, rn, N - 1, K, swn, BLOCK_N)
     pdl_wait(PDL)
     acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -178,7 +176,7 @@ def _launch_decode(x, weight, out, split, k_per_split):
         grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)
         _decode_linear_kernel[grid](x, weight, out, M, N, K, m_bucket, x.stride(0),
                                     weight.stride(0), out.stride(0), DOT_PREC=prec,
-                                    **pdl_args(x.device, prefetch=True))
+                                    **pdl_args(x.device))
         return
     part = torch.empty((split, M, N), device=x.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), split)

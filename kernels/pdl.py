@@ -14,14 +14,11 @@ launched early and their waiting programs took SM slots from the running GEMVs (
 1.112 -> 1.507 ms). Released late, only the next kernel is placed early, and only once this one
 has nothing left to load.
 
-LLAMA_TRITON_PDL picks the mode; it is read at every launch (a CUDA graph keeps the mode it was
-captured with):
-- unset or "0": off, the default (PDL has only lost so far);
-- "1": late release;
-- "prefetch": late release, and the decode GEMVs also prefetch the start of their weight strip
-  into L2 before pdl_wait: weights are never written by an earlier kernel, so they may stream
-  while the kernel before finishes.
-PDL stays off under the interpreter, off the GPU, and below compute capability 9."""
+Measured on an H200 (bench/RESULTS.md, 2026-12-02, session 5): the 1B decode step replays in
+1.046 ms with it against 1.088 ms without, the 8B step in 4.61 against 4.74 ms, so it is on.
+LLAMA_TRITON_PDL=0 turns it off (A/B runs); it is read at every launch, so a CUDA graph keeps
+the setting it was captured with. PDL stays off under the interpreter, off the GPU, and below
+compute capability 9."""
 import functools
 import os
 
@@ -30,21 +27,15 @@ import triton
 import triton.language as tl
 
 from .dispatch import interpreting
-from .prefetch import prefetch_l2
-
-MODES = {"0": (False, False), "1": (True, False), "prefetch": (True, True)}  # (PDL, PREFETCH)
-PREFETCH_BYTES = tl.constexpr(32 * 1024)  # per weight matrix and program, before pdl_wait
-LINE_BYTES = tl.constexpr(128)  # one prefetch per L2 line
 
 
-def pdl_mode() -> tuple[bool, bool]:
-    """(PDL, PREFETCH) that LLAMA_TRITON_PDL asks for; a typo fails loudly rather than running
-    an A/B comparison against the wrong mode."""
-    value = os.environ.get("LLAMA_TRITON_PDL") or "0"
-    if value not in MODES:
-        allowed = ", ".join(repr(m) for m in MODES)
-        raise ValueError(f"LLAMA_TRITON_PDL={value!r} is not one of {allowed} (or unset)")
-    return MODES[value]
+def pdl_switched_on() -> bool:
+    """LLAMA_TRITON_PDL: unset or "1" on, "0" off; anything else is a typo that would make an
+    A/B run compare the wrong thing, so it fails loudly."""
+    value = os.environ.get("LLAMA_TRITON_PDL", "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"LLAMA_TRITON_PDL={value!r} is not one of '0', '1' (or unset)")
+    return value == "1"
 
 
 @functools.lru_cache(maxsize=None)
@@ -55,31 +46,26 @@ def _device_supports(index: int) -> bool:
 
 
 def pdl_enabled(device: torch.device) -> bool:
-    """Whether a launch on `device` can use PDL at all (the mode aside)."""
+    """Whether a launch on `device` can use PDL at all (the switch aside)."""
     if device.type != "cuda" or interpreting():
         return False
     return _device_supports(device.index if device.index is not None
                             else torch.cuda.current_device())
 
 
-def pdl_args(device: torch.device, prefetch: bool = False) -> dict:
+def pdl_args(device: torch.device) -> dict:
     """Launch keyword arguments of a kernel that calls pdl_wait / pdl_release: its PDL constexpr
-    and, when on, launch_pdl=True. prefetch=True for a kernel that also takes a PREFETCH
-    constexpr (the decode GEMVs); it is True only in the "prefetch" mode."""
-    use_pdl, use_prefetch = pdl_mode()
-    if not (use_pdl and pdl_enabled(device)):
-        return {"PDL": False, "PREFETCH": False} if prefetch else {"PDL": False}
-    args = {"PDL": True, "launch_pdl": True}
-    if prefetch:
-        args["PREFETCH"] = use_prefetch
-    return args
+    and, when on, launch_pdl=True."""
+    if pdl_switched_on() and pdl_enabled(device):
+        return {"PDL": True, "launch_pdl": True}
+    return {"PDL": False}
 
 
 @triton.jit
 def pdl_wait(PDL: tl.constexpr):
     """Wait until the kernel before has finished and its writes are visible. Call it before the
     first load of anything another kernel writes and before the first store; only loads of
-    memory no kernel writes (weights, the prefetch below) may come before it."""
+    memory no kernel writes (weights) may come before it."""
     if PDL:
         tl.extra.cuda.gdc_wait()
 
@@ -91,17 +77,3 @@ def pdl_release(PDL: tl.constexpr):
     placed sooner only wait, holding SM slots that this kernel's programs need."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
-
-
-@triton.jit
-def prefetch_strip(w_ptr, rows, last_row, K, swn, BLOCK_N: tl.constexpr):
-    """Prefetch the first PREFETCH_BYTES that a GEMV program streams from one weight matrix:
-    the leading columns (at most K) of its BLOCK_N rows `rows`, one address per 128-byte line.
-    A prefetch has no mask, so rows past last_row and columns past K are clamped onto the last
-    valid ones (a repeated line costs nothing)."""
-    LINES: tl.constexpr = PREFETCH_BYTES // (BLOCK_N * LINE_BYTES)
-    tl.static_assert(LINES >= 1, "BLOCK_N rows of one line each exceed PREFETCH_BYTES")
-    PER_LINE: tl.constexpr = LINE_BYTES // (w_ptr.dtype.element_ty.primitive_bitwidth // 8)
-    r = tl.minimum(rows, last_row).to(tl.int64)
-    cols = tl.minimum(tl.arange(0, LINES) * PER_LINE, K - 1)
-    prefetch_l2(w_ptr + r[:, None] * swn + cols[None, :])

@@ -4,9 +4,7 @@ import triton
 import triton.language as tl
 
 from .dispatch import tune, use_triton
-from .linear import DECODE_MAX_ROWS
 from .pdl import pdl_args, pdl_release, pdl_wait
-from .prefetch import prefetch_lines, prefetch_programs, prefetch_share
 
 
 def rmsnorm_ref(x, weight, eps, residual=None):
@@ -19,28 +17,15 @@ def rmsnorm_ref(x, weight, eps, residual=None):
 
 @triton.autotune(
     configs=tune([triton.Config({}, num_warps=w) for w in (2, 4, 8, 16)]),
-    key=["BLOCK", "PREFETCH"],
+    key=["BLOCK"],
 )
 @triton.jit
-def _rmsnorm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, s_ptr, pf_ptr, T, H, sx, sr, so, ss, eps,
-                    pf_lines, HAS_RES: tl.constexpr, BLOCK: tl.constexpr, PREFETCH: tl.constexpr,
-                    PDL: tl.constexpr):
-    row = tl.program_id(0)
-    if row < T:
-        pdl_wait(PDL)
-        _rmsnorm_row(x_ptr, r_ptr, w_ptr, out_ptr, s_ptr, row.to(tl.int64), H, sx, sr, so, ss, eps,
-                     HAS_RES, BLOCK, PDL)
-    elif PREFETCH:
-        # programs past the rows only warm L2 for the GEMV that reads the output; they read
-        # nothing another kernel writes, so they need not wait for the kernel before (PDL)
-        prefetch_share(pf_ptr, pf_lines, row - T, tl.num_programs(0) - T)
-
-
-@triton.jit
-def _rmsnorm_row(x_ptr, r_ptr, w_ptr, out_ptr, s_ptr, row, H, sx, sr, so, ss, eps,
-                 HAS_RES: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+def _rmsnorm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, s_ptr, H, sx, sr, so, ss, eps,
+                    HAS_RES: tl.constexpr, PDL: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < H
+    pdl_wait(PDL)
     x = tl.load(x_ptr + row * sx + cols, mask=mask, other=0.0)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_RES:
@@ -56,7 +41,7 @@ def _rmsnorm_row(x_ptr, r_ptr, w_ptr, out_ptr, s_ptr, row, H, sx, sr, so, ss, ep
     tl.store(out_ptr + row * so + cols, (y * w).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def rmsnorm_triton(x, weight, eps, residual=None, prefetch=None):
+def rmsnorm_triton(x, weight, eps, residual=None):
     if x.stride(-1) != 1:
         x = x.contiguous()
     T, H = x.shape
@@ -66,17 +51,14 @@ def rmsnorm_triton(x, weight, eps, residual=None, prefetch=None):
         s = torch.empty_like(x)
     else:
         residual, s = x, x  # unused by the kernel (HAS_RES=False)
-    lines = prefetch_lines(prefetch) if T <= DECODE_MAX_ROWS else 0
-    _rmsnorm_kernel[(T + prefetch_programs(lines, x.device),)](
-        x, residual, weight, out, s, prefetch if lines else x, T, H, x.stride(0),
-        residual.stride(0), out.stride(0), s.stride(0), eps, lines, HAS_RES=residual is not x,
-        BLOCK=triton.next_power_of_2(H), PREFETCH=lines > 0, **pdl_args(x.device))
+    _rmsnorm_kernel[(T,)](x, residual, weight, out, s, H, x.stride(0), residual.stride(0),
+                          out.stride(0), s.stride(0), eps, HAS_RES=residual is not x,
+                          BLOCK=triton.next_power_of_2(H), **pdl_args(x.device))
     return out, s
 
 
-def rmsnorm(x, weight, eps, residual=None, prefetch=None):
-    """x [T, H]; returns (norm(x + residual) * weight, x + residual). At decode on the GPU, extra
-    programs ask L2 for the start of `prefetch`, the weight the next GEMV reads."""
+def rmsnorm(x, weight, eps, residual=None):
+    """x [T, H]; returns (norm(x + residual) * weight, x + residual)."""
     if use_triton(x):
-        return rmsnorm_triton(x, weight, eps, residual, prefetch)
+        return rmsnorm_triton(x, weight, eps, residual)
     return rmsnorm_ref(x, weight, eps, residual)

@@ -129,10 +129,10 @@ def test_linear_split_k_cuda_graph(monkeypatch):
 
 
 @pytest.mark.parametrize("T", [1, 16])
-def test_pdl_prefetch_in_cuda_graph_changes_no_bit(monkeypatch, T):
-    """The decode GEMVs with programmatic dependent launch and the L2 weight prefetch
-    (LLAMA_TRITON_PDL=prefetch), captured as a chain in which each reads what the one before
-    wrote, give the results of the launches without PDL bit for bit, input after input."""
+def test_pdl_in_cuda_graph_changes_no_bit(monkeypatch, T):
+    """The decode GEMVs with programmatic dependent launch, captured as a chain in which each
+    reads what the one before wrote, give the results of the launches without PDL bit for bit,
+    input after input."""
     if not pdl.pdl_enabled(torch.device(DEV)):
         pytest.skip("programmatic dependent launch needs compute capability 9 or newer")
     x = torch.randn(T, 2048, device=DEV, dtype=torch.bfloat16)
@@ -149,8 +149,8 @@ def test_pdl_prefetch_in_cuda_graph_changes_no_bit(monkeypatch, T):
     for value in inputs:  # the first call autotunes; the tuning is reused whatever the mode
         x.copy_(value)
         want.append(chain().clone())
-    monkeypatch.setenv("LLAMA_TRITON_PDL", "prefetch")
-    assert pdl.pdl_args(x.device, prefetch=True)["PREFETCH"]
+    monkeypatch.setenv("LLAMA_TRITON_PDL", "1")
+    assert pdl.pdl_args(x.device)["PDL"]
     assert torch.equal(chain(), want[-1])  # eager, and compiles the PDL kernels before capture
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
@@ -322,19 +322,3 @@ def test_torch_backend_forces_reference(monkeypatch):
                        paged_attention_ref(q, kc, vc, bt, sl, qsl, 1, 0.125))
     monkeypatch.setenv("LLAMA_TRITON_BACKEND", "triton")
     assert rel_err(linear(x, w), x.double() @ w.double().T) < TOL[torch.bfloat16]
-
-
-def test_l2_prefetch_compiles_and_changes_no_bit(monkeypatch):
-    """The RMSNorm and decode attention kernels with their L2 prefetch of a weight (inline PTX)
-    against the same kernels without it."""
-    weight = torch.randn(3072, 2048, device=DEV, dtype=torch.bfloat16)
-    x, r, nw = (torch.randn(2, 2048, device=DEV, dtype=torch.bfloat16) for _ in range(3))
-    q, kc, vc, bt, sl, qsl = _paged_batch([1800, 300, 5], [1, 1, 1], 32, 8, 128, torch.bfloat16)
-    runs = []
-    for flag in ("1", "0"):
-        monkeypatch.setenv("LLAMA_TRITON_PREFETCH", flag)
-        runs.append((*rmsnorm_triton(x, nw[0], 1e-5, r, prefetch=weight),
-                     paged_decode_triton(q, kc, vc, bt, sl, qsl, 128 ** -0.5, 2048,
-                                         prefetch=weight)))
-    for with_prefetch, without in zip(*runs):
-        assert torch.equal(with_prefetch, without)

@@ -11,44 +11,28 @@ import torch
 from kernels import pdl
 
 CUDA0 = torch.device("cuda", 0)
-OFF = {"PDL": False}
-OFF_GEMV = {"PDL": False, "PREFETCH": False}
+ON, OFF = {"PDL": True, "launch_pdl": True}, {"PDL": False}
 
 
 @pytest.fixture
 def hopper(monkeypatch):
-    """A CUDA device 0 of compute capability 9, outside the interpreter, mode unset."""
+    """A CUDA device 0 of compute capability 9, outside the interpreter, the switch unset."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.delenv("LLAMA_TRITON_PDL", raising=False)
     monkeypatch.setattr(pdl, "_device_supports", lambda index: index == 0)
 
 
-def test_off_unless_asked(hopper, monkeypatch):
-    assert pdl.pdl_args(CUDA0) == OFF
-    assert pdl.pdl_args(CUDA0, prefetch=True) == OFF_GEMV
-    monkeypatch.setenv("LLAMA_TRITON_PDL", "0")
-    assert pdl.pdl_args(CUDA0, prefetch=True) == OFF_GEMV
-
-
-def test_late_release_mode(hopper, monkeypatch):
+def test_on_unless_switched_off(hopper, monkeypatch):
+    assert pdl.pdl_args(CUDA0) == ON
     monkeypatch.setenv("LLAMA_TRITON_PDL", "1")
-    assert pdl.pdl_args(CUDA0) == {"PDL": True, "launch_pdl": True}
-    assert pdl.pdl_args(CUDA0, prefetch=True) == {"PDL": True, "PREFETCH": False,
-                                                  "launch_pdl": True}
+    assert pdl.pdl_args(CUDA0) == ON
+    monkeypatch.setenv("LLAMA_TRITON_PDL", "0")
+    assert pdl.pdl_args(CUDA0) == OFF
 
 
-def test_prefetch_mode(hopper, monkeypatch):
-    monkeypatch.setenv("LLAMA_TRITON_PDL", "prefetch")
-    assert pdl.pdl_args(CUDA0) == {"PDL": True, "launch_pdl": True}  # no PREFETCH constexpr
-    assert pdl.pdl_args(CUDA0, prefetch=True) == {"PDL": True, "PREFETCH": True,
-                                                  "launch_pdl": True}
-
-
-@pytest.mark.parametrize("mode", ["1", "prefetch"])
-def test_off_on_the_cpu_under_the_interpreter_and_before_hopper(hopper, monkeypatch, mode):
-    monkeypatch.setenv("LLAMA_TRITON_PDL", mode)
-    assert pdl.pdl_args(torch.device("cpu"), prefetch=True) == OFF_GEMV
-    assert pdl.pdl_args(torch.device("cuda", 1), prefetch=True) == OFF_GEMV  # "cc < 9"
+def test_off_on_the_cpu_under_the_interpreter_and_before_hopper(hopper, monkeypatch):
+    assert pdl.pdl_args(torch.device("cpu")) == OFF
+    assert pdl.pdl_args(torch.device("cuda", 1)) == OFF  # "cc < 9"
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert pdl.pdl_args(CUDA0) == OFF and not pdl.pdl_enabled(CUDA0)
 
@@ -65,17 +49,17 @@ def test_device_without_index_is_the_current_one(hopper, monkeypatch):
     assert pdl.pdl_args(torch.device("cuda"))["PDL"]
 
 
-@pytest.mark.parametrize("value", ["2", "on", "Prefetch", "true"])
+@pytest.mark.parametrize("value", ["2", "on", "prefetch", "true"])
 def test_unknown_mode_names_the_allowed_ones(monkeypatch, value):
     monkeypatch.setenv("LLAMA_TRITON_PDL", value)
     with pytest.raises(ValueError) as err:
         pdl.pdl_args(torch.device("cpu"))  # even where PDL could not run: a typo is a typo
     message = str(err.value)
     assert f"LLAMA_TRITON_PDL={value!r}" in message
-    assert all(repr(m) in message for m in ("0", "1", "prefetch"))
+    assert "'0', '1'" in message
 
 
-# Compiles the decode kernels for sm_90 with PDL (and the GEMVs' prefetch) on, in a process
+# Compiles the decode kernels for sm_90 with PDL on, in a process
 # without TRITON_INTERPRET, and prints for each the order of the instructions that matter.
 _COMPILE_SM90 = r"""
 import inspect, json, sys
@@ -84,7 +68,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from kernels import argmax, attention_decode, gate_up_silu, linear, rmsnorm, rotary
 
-KEYS = {"prefetch.global.L2": "prefetch", "griddepcontrol.wait": "wait",
+KEYS = {"griddepcontrol.wait": "wait",
         "griddepcontrol.launch_dependents": "release", "ld.global": "load", "st.global": "store"}
 
 def events(fn, sig, const, **opts):
@@ -105,30 +89,23 @@ out = {}
 for name, kern in (("linear", linear._decode_linear_kernel),
                    ("gate_up_silu", gate_up_silu._decode_gate_up_silu_kernel)):
     for cfg in (kern.configs[0], kern.configs[-1]):
-        const = dict(DOT_PREC="tf32", PDL=True, PREFETCH=True, **cfg.kwargs)
+        const = dict(DOT_PREC="tf32", PDL=True, **cfg.kwargs)
         out[f"{name} {cfg.kwargs}"] = events(kern.fn, gemv, const, num_warps=cfg.num_warps,
                                              num_stages=cfg.num_stages)
-norm = dict(x_ptr=B, r_ptr=B, w_ptr=B, out_ptr=B, s_ptr=B, pf_ptr=B, T="i32", H="i32",
-            sx="i32", sr="i32", so="i32", ss="i32", eps="fp32", pf_lines="i32")
-out["rmsnorm"] = events(rmsnorm._rmsnorm_kernel.fn, norm,
-                        dict(HAS_RES=True, PDL=True, BLOCK=2048, PREFETCH=False), num_warps=8)
-# the kernels that warm L2 for the next GEMV (kernels.prefetch): a branch of extra programs in
-# RMSNorm, the first statements of decode attention; checked apart, as their loads are not
-# all before the release
-extra = {}
-extra["rmsnorm"] = events(rmsnorm._rmsnorm_kernel.fn, norm,
-                          dict(HAS_RES=True, PDL=True, BLOCK=2048, PREFETCH=True), num_warps=8)
+out["rmsnorm"] = events(rmsnorm._rmsnorm_kernel.fn,
+                        dict(x_ptr=B, r_ptr=B, w_ptr=B, out_ptr=B, s_ptr=B, H="i32", sx="i32",
+                             sr="i32", so="i32", ss="i32", eps="fp32"),
+                        dict(HAS_RES=True, PDL=True, BLOCK=2048), num_warps=8)
+# decode attention: its merge reads partials after the release, so it is checked apart
 attn = attention_decode._decode_split_kernel
-names = list(inspect.signature(attn.fn.fn).parameters)
 const = dict(BLOCK_H=16, BLOCK_D=64, BLOCK_N=64, SPLIT=True, DOT_PREC="tf32", NEW_KV=True,
-             PREFETCH=True, PDL=True)
+             PDL=True)
 FP32 = ("po_ptr", "plse_ptr", "cos_ptr", "sin_ptr")
-sig = {n: ("*fp32" if n in FP32 else B if n in ("q_ptr", "kc_ptr", "vc_ptr", "out_ptr", "k_ptr",
-                                                "v_ptr", "pf_ptr") else "*i32")
-       if n.endswith("_ptr") else "fp32" if n == "scale_log2" else "i32"
-       for n in names if n not in const}
-extra["attention"] = events(attn.fn, sig, const)
-print(json.dumps(extra))
+BF16 = ("q_ptr", "kc_ptr", "vc_ptr", "out_ptr", "k_ptr", "v_ptr")
+sig = {n: ("*fp32" if n in FP32 else B if n in BF16 else "*i32") if n.endswith("_ptr")
+       else "fp32" if n == "scale_log2" else "i32"
+       for n in inspect.signature(attn.fn.fn).parameters if n not in const}
+print(json.dumps(events(attn.fn, sig, const)))
 out["rotary"] = events(rotary._rotary_cache_kernel, rot,
                        dict(BLOCK_HQ=32, BLOCK_HKV=8, BLOCK_D=32, PDL=True))
 out["chunk argmax"] = events(argmax._chunk_argmax_kernel,
@@ -142,9 +119,9 @@ print(json.dumps(out))
 
 
 def test_pdl_kernels_compile_for_sm90_in_the_right_order(tmp_path):
-    """Without a GPU the inline-asm prefetch and the gdc calls are only checked here: each
-    kernel compiles (through ptxas), the GEMVs prefetch before waiting, nothing is loaded
-    before the wait, and the release comes after the last load and before the first store."""
+    """Without a GPU the gdc calls are only checked here: each kernel compiles (through ptxas),
+    nothing is loaded before the wait, and the release comes after the last load and before the
+    first store."""
     pytest.importorskip("triton.backends.nvidia")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -152,17 +129,13 @@ def test_pdl_kernels_compile_for_sm90_in_the_right_order(tmp_path):
     run = subprocess.run([sys.executable, "-c", _COMPILE_SM90], cwd=root, env=env,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    extra, kernels = (json.loads(line) for line in run.stdout.strip().splitlines()[-2:])
-    for name, ev in extra.items():  # the L2 prefetch compiles, and waits for nothing
-        assert "prefetch" in ev and ev.count("wait") == 1, name
-    attention = extra["attention"]
-    assert max(i for i, e in enumerate(attention) if e == "prefetch") < attention.index("wait")
-    assert attention.index("wait") < attention.index("load"), attention
+    attention, kernels = (json.loads(line) for line in run.stdout.strip().splitlines()[-2:])
+    # the wait before any load or store, the release after the chunk's K/V loads
+    assert attention.count("wait") == 1 and attention.count("release") == 1
+    assert attention.index("wait") < min(attention.index("load"), attention.index("store"))
     assert len(kernels) == 8
     for name, ev in kernels.items():
         assert ev.count("wait") == 1 and ev.count("release") == 1, name
         wait, release = ev.index("wait"), ev.index("release")
         last_load = max(i for i, e in enumerate(ev) if e == "load")
         assert wait < ev.index("load") and last_load < release < ev.index("store"), (name, ev)
-        assert all(i < wait for i, e in enumerate(ev) if e == "prefetch"), (name, ev)
-        assert ("prefetch" in ev) == name.startswith(("linear", "gate_up_silu")), name
