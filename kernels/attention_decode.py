@@ -18,13 +18,13 @@ import torch
 import triton
 import triton.language as tl
 
+from .arrival import arrival_counters, is_last_arrival
 from .attention_block import attend_kv_block
 from .dispatch import dot_precision, interpreting, sm_count, tune
 from .pdl import pdl_args, pdl_release, pdl_wait
 
 LOG2E = 1.4426950408889634
 MIN_CHUNK = 256  # below this a split's fixed cost outweighs the parallelism it adds
-MIN_COUNTERS = 16384  # batch x kv heads a counter buffer covers at least: enough for the engine
 
 
 @triton.jit
@@ -42,18 +42,6 @@ def _attend_chunk(q, kc_ptr, vc_ptr, table, kvh, start, end, kcb, kcr, kch, vcb,
                                         s_tcol, kc_ptr, vc_ptr, kvh, kcb, kcr, kch, vcb, vcr, vch,
                                         block_size, d, dmask, scale_log2, DOT_PREC)
     return acc / l_i[:, None], m_i + tl.log2(l_i)
-
-
-@triton.jit
-def _is_last_arrival(counter, n_valid):
-    """Count this program in; True for the group's last one, which sets the counter back to zero
-    for the next layer (and for the next replay of the graph, which does not re-zero it)."""
-    # every thread's partial stores come before the atomic, whose release then publishes them
-    tl.debug_barrier()
-    last = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == n_valid - 1
-    if last:
-        tl.store(counter, 0)  # all n_valid programs have arrived: nothing else touches it now
-    return last
 
 
 @triton.jit
@@ -167,7 +155,7 @@ def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, qsl_ptr, ou
                 mine = parts + split * n_heads
                 tl.store(po_ptr + mine[:, None] * HD + d[None, :], o, mask=omask)
                 tl.store(plse_ptr + mine, lse, mask=hmask)
-                if _is_last_arrival(counter_ptr + b * tl.num_programs(1) + kvh, n_valid):
+                if is_last_arrival(counter_ptr + b * tl.num_programs(1) + kvh, n_valid):
                     merged = _merge_partials(po_ptr, plse_ptr, parts, n_valid, hmask, d, dmask,
                                              n_heads, HD, BLOCK_H, BLOCK_D)
                     tl.store(out, merged.to(out_ptr.dtype.element_ty), mask=omask)
@@ -182,26 +170,6 @@ def decode_splits(device, batch, n_kv, max_len):
     min_chunk = 16 if interpreting() else MIN_CHUNK
     want = triton.cdiv(2 * sm_count(device), max(1, batch * n_kv))
     return max(1, min(want, triton.cdiv(max_len, min_chunk)))
-
-
-# One arrival counter per (sequence, kv head), for the merge done by a group's last split program.
-# A CUDA graph bakes in the buffer's address and replays without zeroing it again, so the buffer
-# is zeroed once, left at zero by every launch (the last program resets its counter) and never
-# freed: a larger one, when needed, is added beside the older ones that earlier graphs still use.
-# Launches on one device are stream-ordered, so one buffer per device serves every layer.
-_arrival_counters: dict[torch.device, list[torch.Tensor]] = {}
-
-
-def arrival_counters(device: torch.device, needed: int) -> torch.Tensor:
-    buffers = _arrival_counters.setdefault(device, [])
-    if not buffers or buffers[-1].numel() < needed:
-        # the engine runs each step eagerly before capturing it, so this happens outside graphs;
-        # inside one, the zeroing would not be replayed and the memory would be the graph's
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("paged decode: run a step eagerly before capturing it in a graph")
-        size = max(needed, MIN_COUNTERS)
-        buffers.append(torch.zeros(size, dtype=torch.int32, device=device))
-    return buffers[-1]
 
 
 class NewTokens(NamedTuple):

@@ -3,17 +3,20 @@
 Two paths, because the two phases hit different limits:
 - decode (T <= 16 rows): memory-bound; the weight is streamed once. Rows are padded to 16 for
   tl.dot. A big N (w13, lm_head) gives every SM several programs over N alone. A split-K
-  variant for small N (wqkv, wo, w2) exists but is off (DECODE_SPLIT_K, see NOTES.md): grid
-  (cdiv(N, BLOCK_N), SPLIT_K), each program writes its fp32 partial to [SPLIT_K, M, N] and a
-  tiny kernel sums the partials in a fixed order and casts (deterministic, no memset, no
-  atomics; the partial buffer is a plain torch.empty, so CUDA-graph capture is fine).
+  variant for small N (wqkv, wo, w2) exists, off unless LLAMA_TRITON_SPLITK=1 (see NOTES.md):
+  grid (cdiv(N, BLOCK_N), SPLIT_K), each program writes its fp32 partial to [SPLIT_K, M, N],
+  and the last of a column block's programs to finish (kernels/arrival.py) sums the partials
+  in split order and casts: deterministic, one launch, graph-safe.
 - prefill: compute-bound; tensor-core tiles with grouped ordering for L2 reuse.
 All are autotuned, keyed on (row-count bucket, N, K[, SPLIT_K]) so a new prompt length does not
 retune."""
+import os
+
 import torch
 import triton
 import triton.language as tl
 
+from .arrival import arrival_counters, is_last_arrival
 from .dispatch import dot_precision, sm_count, tune, use_triton
 from .pdl import pdl_args, pdl_release, pdl_wait
 
@@ -77,11 +80,18 @@ def _split_configs():
 _SPLIT_CONFIGS = _split_configs()
 SPLIT_UNIT = max(c.kwargs["BLOCK_K"] for c in _SPLIT_CONFIGS)  # 128 on GPU, 32 interpreted
 SPLIT_BLOCK_N = 64  # nominal tile width for counting programs over N
-# Off: measured on the H100 (NOTES.md), split-K costs 1-2 us more device time per call than the
-# unsplit kernel at every 1B/8B shape, inside a CUDA graph (the extra reduce launch), and ~2-4x
-# more host time eagerly. The unsplit kernel is already at cuBLAS parity in device time; the
-# do_bench gap on small N is launcher host time. Kept, tested, for GPUs with more SMs per byte.
+SPLIT_MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in _SPLIT_CONFIGS)  # most column blocks
+# Off by default: with a separate reduce kernel it cost 1-2 us more per call than the unsplit
+# kernel on the H100 (NOTES.md); the reduce is now done by the last program of each column
+# block, and LLAMA_TRITON_SPLITK=1 switches it on for measuring that.
 DECODE_SPLIT_K = False
+
+
+def split_k_switched_on() -> bool:
+    value = os.environ.get("LLAMA_TRITON_SPLITK", "1" if DECODE_SPLIT_K else "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"LLAMA_TRITON_SPLITK={value!r} is not one of '0', '1' (or unset)")
+    return value == "1"
 
 
 def decode_split_k(N, K, sms):
@@ -125,9 +135,11 @@ def _decode_linear_kernel(x_ptr, w_ptr, out_ptr, M, N, K, M_BUCKET, sxm, swn, so
 @triton.autotune(configs=_SPLIT_CONFIGS, key=["M_BUCKET", "N", "K", "SPLIT_K"])
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
 @triton.jit
-def _decode_splitk_kernel(x_ptr, w_ptr, part_ptr, M, N, K, M_BUCKET, SPLIT_K, K_PER_SPLIT, sxm,
-                          swn, DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+def _decode_splitk_kernel(x_ptr, w_ptr, part_ptr, out_ptr, counter_ptr, M, N, K, M_BUCKET,
+                          SPLIT_K, K_PER_SPLIT, sxm, swn, som, DOT_PREC: tl.constexpr,
+                          PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          EVEN_K: tl.constexpr):
+    pdl_wait(PDL)
     pid_k = tl.program_id(1)
     rm = tl.arange(0, 16)  # rows padded to tl.dot's minimum
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -147,24 +159,17 @@ def _decode_splitk_kernel(x_ptr, w_ptr, part_ptr, M, N, K, M_BUCKET, SPLIT_K, K_
         acc += tl.dot(x, w, input_precision=DOT_PREC)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-    tl.store(part_ptr + (pid_k * M + rm[:, None]) * N + rn[None, :], acc,
-             mask=(rm[:, None] < M) & (rn[None, :] < N))
-
-
-@triton.jit
-def _splitk_reduce_kernel(part_ptr, out_ptr, M, N, SPLIT_K, som, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
-    rn = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = rn < N
-    ptrs = part_ptr + row * N + rn
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for _ in range(0, SPLIT_K):  # fixed order: the same sum on every run
-        acc += tl.load(ptrs, mask=mask, other=0.0)
-        ptrs += M * N
-    tl.store(out_ptr + row * som + rn, acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-REDUCE_BLOCK = 1024
+    pdl_release(PDL)
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    parts = part_ptr + rm[:, None] * N + rn[None, :]  # split s's partial is s * M * N further
+    tl.store(parts + pid_k * M * N, acc, mask=mask)
+    if is_last_arrival(counter_ptr + tl.program_id(0), SPLIT_K):
+        total = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+        for s in range(0, SPLIT_K):  # split order: the same sum whichever program is last
+            # .cg reads L2: other SMs wrote these, and this SM's L1 may hold an older call's
+            total += tl.load(parts + s * M * N, mask=mask, other=0.0, cache_modifier=".cg")
+        tl.store(out_ptr + rm[:, None] * som + rn[None, :], total.to(out_ptr.dtype.element_ty),
+                 mask=mask)
 
 
 def _launch_decode(x, weight, out, split, k_per_split):
@@ -179,11 +184,11 @@ def _launch_decode(x, weight, out, split, k_per_split):
                                     **pdl_args(x.device))
         return
     part = torch.empty((split, M, N), device=x.device, dtype=torch.float32)
+    counters = arrival_counters(x.device, triton.cdiv(N, SPLIT_MIN_BLOCK_N))
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), split)
-    _decode_splitk_kernel[grid](x, weight, part, M, N, K, m_bucket, split, k_per_split,
-                                x.stride(0), weight.stride(0), DOT_PREC=prec)
-    _splitk_reduce_kernel[(M, triton.cdiv(N, REDUCE_BLOCK))](part, out, M, N, split,
-                                                             out.stride(0), BLOCK=REDUCE_BLOCK)
+    _decode_splitk_kernel[grid](x, weight, part, out, counters, M, N, K, m_bucket, split,
+                                k_per_split, x.stride(0), weight.stride(0), out.stride(0),
+                                DOT_PREC=prec, **pdl_args(x.device))
 
 
 def _fp32_prefill_prune(configs, named_args, **kwargs):
@@ -244,7 +249,7 @@ def linear_triton(x, weight, out_dtype=None):
     if M == 0:
         return out
     if M <= DECODE_MAX_ROWS:
-        split = decode_split_k(N, K, sm_count(x.device)) if DECODE_SPLIT_K else (1, K)
+        split = decode_split_k(N, K, sm_count(x.device)) if split_k_switched_on() else (1, K)
         _launch_decode(x, weight, out, *split)
     else:
         args = (x, weight, out, M, N, K, triton.next_power_of_2(M), x.stride(0),

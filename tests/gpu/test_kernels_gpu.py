@@ -3,14 +3,13 @@
 Errors are ||out - ref|| / ||ref|| against the reference run in float64 on upcast inputs; bf16
 outputs land between 1e-3 and 1e-2, fp16 several times lower. Before each test the allocator is
 filled with NaN so that an output element a kernel never wrote fails the comparison."""
-import os
 
 import pytest
 import torch
 
 from kernels.argmax import argmax
 from kernels.attention import paged_attention, paged_attention_ref, paged_attention_triton
-from kernels import attention_decode
+from kernels import arrival
 from kernels.attention_decode import NewTokens, paged_decode_triton
 from kernels.dispatch import sm_count
 from kernels.gate_up_silu import gate_up_silu_ref, gate_up_silu_triton
@@ -222,7 +221,7 @@ def test_paged_decode_batch1_splits(splits):
 
 
 def _decode_counters_at_zero():
-    return all(not c.any() for bufs in attention_decode._arrival_counters.values() for c in bufs)
+    return all(not c.any() for bufs in arrival._arrival_counters.values() for c in bufs)
 
 
 @pytest.mark.parametrize("batch", [1, 3, 8])

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from conftest import TOL, rel_err
 from kernels.attention import paged_attention, paged_attention_ref, paged_attention_triton
-from kernels import attention_decode
+from kernels import arrival
 from kernels.attention_decode import NewTokens, paged_decode_triton
 from kernels.rotary import rope_tables, rotary_cache_write_ref, rotary_cache_write_triton
 
@@ -74,7 +74,7 @@ def test_decode_reads_a_transposed_int64_table():
 
 
 def counters_at_zero(device):
-    return all(not c.any() for c in attention_decode._arrival_counters.get(device, []))
+    return all(not c.any() for c in arrival._arrival_counters.get(device, []))
 
 
 # 4 splits of a 64-long range, chunks of 16: lengths that use 1 split (5, 16), 2 (17), 3 (40)
@@ -102,29 +102,6 @@ def test_decode_twice_is_bit_equal_and_leaves_counters_at_zero():
     assert rel_err(second, ref) < TOL[torch.float32]
 
 
-@pytest.fixture
-def shuffle_programs(monkeypatch):
-    """The interpreter runs programs one at a time in grid order, so a group's last split is
-    always its highest and groups never interleave. On a GPU any program may finish last: the
-    returned switch makes every later launch run its programs in a fresh random order."""
-    interpreter = pytest.importorskip("triton.runtime.interpreter")
-    builder = getattr(interpreter, "interpreter_builder", None)
-    if not (hasattr(builder, "set_grid_idx") and hasattr(builder, "set_grid_dim")):
-        pytest.skip("this triton's interpreter cannot be made to reorder programs")
-    set_grid_idx = type(builder).set_grid_idx
-    order = []
-    gen = torch.Generator().manual_seed(1)
-
-    def shuffled(x, y, z):
-        nx, ny, nz = builder.grid_dim
-        if (x, y, z) == (0, 0, 0):  # a new launch
-            order[:] = torch.randperm(nx * ny * nz, generator=gen).tolist()
-        i = order[(x * ny + y) * nz + z]
-        set_grid_idx(builder, i // (ny * nz), i // nz % ny, i % nz)
-
-    return lambda: monkeypatch.setattr(builder, "set_grid_idx", shuffled)
-
-
 def test_decode_merge_ignores_which_split_ends_last(shuffle_programs):
     """Groups interleaved and finishing in any order give the in-order result bit for bit."""
     q, kc, vc, bt, lens, qsl = make_batch(FOLD_LENS, FOLD_Q_LENS, 8, 2, 64, 8, torch.float16)
@@ -140,13 +117,13 @@ def test_decode_merge_ignores_which_split_ends_last(shuffle_programs):
 
 def test_decode_counters_grow_and_keep_old_buffers(monkeypatch):
     """A batch past the buffer gets a larger one; the old one stays (graphs hold its address)."""
-    monkeypatch.setattr(attention_decode, "MIN_COUNTERS", 1)
-    monkeypatch.setattr(attention_decode, "_arrival_counters", {})
+    monkeypatch.setattr(arrival, "MIN_COUNTERS", 1)
+    monkeypatch.setattr(arrival, "_arrival_counters", {})
     cpu = torch.device("cpu")
-    small = attention_decode.arrival_counters(cpu, 4)
-    assert attention_decode.arrival_counters(cpu, 3) is small
+    small = arrival.arrival_counters(cpu, 4)
+    assert arrival.arrival_counters(cpu, 3) is small
     check(FOLD_LENS, FOLD_Q_LENS, 8, 2, 64, 8, torch.float32, num_splits=4, max_seq_len=64)
-    buffers = attention_decode._arrival_counters[cpu]
+    buffers = arrival._arrival_counters[cpu]
     assert buffers[0] is small and buffers[-1].numel() == len(FOLD_LENS) * 2
     assert counters_at_zero(cpu)
 

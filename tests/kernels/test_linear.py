@@ -3,7 +3,7 @@ import torch
 import triton
 
 from conftest import TOL, rel_err
-from kernels import linear as linear_mod
+from kernels import arrival, linear as linear_mod
 from kernels.linear import SPLIT_UNIT, decode_split_k, linear, linear_ref, linear_triton
 
 
@@ -107,3 +107,37 @@ def test_cpu_layout_gives_the_plain_product(parts, T):
 def test_cpu_weights_are_cut_per_thread(monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
     assert [linear_mod.cpu_parts(n) for n in (576, 960, 49155, 7)] == [4, 4, 3, 1]
+
+
+def _force_split(monkeypatch, split):
+    monkeypatch.setenv("LLAMA_TRITON_SPLITK", "1")
+    monkeypatch.setattr(linear_mod, "decode_split_k",
+                        lambda n, k, sms: linear_mod._round_split(split, k))
+
+
+def test_split_k_sum_ignores_which_program_ends_last(monkeypatch, shuffle_programs):
+    """Each column block's last program sums the partials in split order: with the programs run
+    in any order, the same bits, and every arrival counter back at zero."""
+    _force_split(monkeypatch, 4)
+    x = torch.randn(3, 200, dtype=torch.float16)
+    w = torch.randn(70, 200, dtype=torch.float16) / 14
+    in_order = linear_triton(x, w)
+    shuffle_programs()
+    for _ in range(3):
+        assert torch.equal(linear_triton(x, w), in_order)
+    assert all(not c.any() for c in arrival._arrival_counters[torch.device("cpu")])
+    assert rel_err(in_order, linear_ref(x.double(), w.double())) < TOL[torch.float16]
+
+
+def test_split_k_switch(monkeypatch):
+    calls = []
+    monkeypatch.setattr(linear_mod, "_launch_decode", lambda x, w, out, split, per:
+                        calls.append(split))
+    x, w = torch.randn(1, 96), torch.randn(24, 96)  # small N: the heuristic splits it
+    for value, split in (("0", 1), ("1", decode_split_k(24, 96, 4)[0])):
+        monkeypatch.setenv("LLAMA_TRITON_SPLITK", value)
+        linear_triton(x, w)
+        assert calls[-1] == split
+    monkeypatch.setenv("LLAMA_TRITON_SPLITK", "yes")
+    with pytest.raises(ValueError, match="LLAMA_TRITON_SPLITK='yes' is not one of '0', '1'"):
+        linear_triton(x, w)
