@@ -3,7 +3,7 @@
 Two paths, because the two phases hit different limits:
 - decode (T <= 16 rows): memory-bound; the weight is streamed once. Rows are padded to 16 for
   tl.dot. A big N (w13, lm_head) gives every SM several programs over N alone. A split-K
-  variant for small N (wqkv, wo, w2) exists, off unless LLAMA_TRITON_SPLITK=1 (see NOTES.md):
+  variant serves small N (wqkv, wo, w2; LLAMA_TRITON_SPLITK=0 turns it off, see NOTES.md):
   grid (cdiv(N, BLOCK_N), SPLIT_K), each program writes its fp32 partial to [SPLIT_K, M, N],
   and the last of a column block's programs to finish (kernels/arrival.py) sums the partials
   in split order and casts: deterministic, one launch, graph-safe.
@@ -81,10 +81,11 @@ _SPLIT_CONFIGS = _split_configs()
 SPLIT_UNIT = max(c.kwargs["BLOCK_K"] for c in _SPLIT_CONFIGS)  # 128 on GPU, 32 interpreted
 SPLIT_BLOCK_N = 64  # nominal tile width for counting programs over N
 SPLIT_MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in _SPLIT_CONFIGS)  # most column blocks
-# Off by default: with a separate reduce kernel it cost 1-2 us more per call than the unsplit
-# kernel on the H100 (NOTES.md); the reduce is now done by the last program of each column
-# block, and LLAMA_TRITON_SPLITK=1 switches it on for measuring that.
-DECODE_SPLIT_K = False
+# On: with the sum done by each column block's last program (no reduce launch), an H200 1B step
+# replays in 1.016 ms against 1.056 ms unsplit, the 8B step in 4.51 against 4.49 (NOTES.md,
+# 2026-12-02). With a separate reduce kernel it had lost on the H100. LLAMA_TRITON_SPLITK=0
+# turns it off (A/B runs).
+DECODE_SPLIT_K = True
 
 
 def split_k_switched_on() -> bool:

@@ -13,7 +13,6 @@ from kernels import arrival
 from kernels.attention_decode import NewTokens, paged_decode_triton
 from kernels.dispatch import sm_count
 from kernels.gate_up_silu import gate_up_silu_ref, gate_up_silu_triton
-from kernels import linear as linear_mod
 from kernels import pdl
 from kernels.linear import decode_split_k, linear, linear_triton
 from kernels.rmsnorm import rmsnorm_ref, rmsnorm_triton
@@ -103,7 +102,7 @@ def test_gate_up_silu(dtype, T, I, K):
 @pytest.mark.parametrize("dtype,N,K", [(torch.bfloat16, 1000, 1000), (torch.float32, 4096, 4096),
                                        (torch.float16, 333, 5000)])
 def test_linear_split_k_ragged(monkeypatch, dtype, T, N, K):
-    monkeypatch.setattr(linear_mod, "DECODE_SPLIT_K", True)  # off by default (NOTES.md)
+    monkeypatch.setenv("LLAMA_TRITON_SPLITK", "1")  # on by default; whatever the environment says
     # small N takes the split-K decode path; K not a multiple of the split unit or the tile
     assert decode_split_k(N, K, sm_count(torch.device(DEV)))[0] > 1
     x = torch.randn(T, K, device=DEV, dtype=dtype)
@@ -114,7 +113,7 @@ def test_linear_split_k_ragged(monkeypatch, dtype, T, N, K):
 
 
 def test_linear_split_k_cuda_graph(monkeypatch):
-    monkeypatch.setattr(linear_mod, "DECODE_SPLIT_K", True)
+    monkeypatch.setenv("LLAMA_TRITON_SPLITK", "1")
     x = torch.randn(1, 2048, device=DEV, dtype=torch.bfloat16)
     w = (torch.randn(2048, 2048, device=DEV) / 45).to(torch.bfloat16)
     want = linear_triton(x, w)  # autotunes outside the capture

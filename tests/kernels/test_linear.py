@@ -10,7 +10,9 @@ from kernels.linear import SPLIT_UNIT, decode_split_k, linear, linear_ref, linea
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("T", [1, 3, 16, 17, 70])  # decode kernel up to 16 rows, tiled GEMM above
 @pytest.mark.parametrize("N,K", [(48, 64), (100, 72)])  # off-tile N and K exercise the masks
-def test_linear_triton_matches_ref(dtype, T, N, K):
+@pytest.mark.parametrize("split_k", ["0", "1"])  # small N: split at decode unless switched off
+def test_linear_triton_matches_ref(monkeypatch, dtype, T, N, K, split_k):
+    monkeypatch.setenv("LLAMA_TRITON_SPLITK", split_k)
     x = torch.randn(T, K, dtype=dtype)
     w = torch.randn(N, K, dtype=dtype) / K ** 0.5
     out = linear_triton(x, w)
@@ -25,7 +27,7 @@ def test_small_n_decode_splits_k(monkeypatch, N, K):
     # ragged last split (72 = 2 * 32 + 8)
     split, per = decode_split_k(N, K, 4)
     assert split > 1 and per % SPLIT_UNIT == 0 and (split - 1) * per < K <= split * per
-    monkeypatch.setattr(linear_mod, "DECODE_SPLIT_K", True)  # the heuristic's own split, end to end
+    monkeypatch.setenv("LLAMA_TRITON_SPLITK", "1")  # the heuristic's own split, end to end
     x, w = torch.randn(2, K), torch.randn(N, K) / K ** 0.5
     assert rel_err(linear_triton(x, w), x.double() @ w.double().T) < TOL[torch.float32]
 
@@ -45,7 +47,7 @@ def test_linear_split_k_forced(monkeypatch, dtype, T, N, K, split):
     # any requested split, rounded to whole SPLIT_UNIT chunks; ragged N and K; strided rows
     want = linear_mod._round_split(split, K)
     assert want[0] > 1
-    monkeypatch.setattr(linear_mod, "DECODE_SPLIT_K", True)
+    monkeypatch.setenv("LLAMA_TRITON_SPLITK", "1")
     monkeypatch.setattr(linear_mod, "decode_split_k", lambda n, k, sms: want)
     x = torch.randn(T, K + 8, dtype=dtype)[:, 3:K + 3]
     w = torch.randn(N, K, dtype=dtype) / K ** 0.5
@@ -55,7 +57,7 @@ def test_linear_split_k_forced(monkeypatch, dtype, T, N, K, split):
 
 
 def test_linear_split_k_is_deterministic(monkeypatch):
-    monkeypatch.setattr(linear_mod, "DECODE_SPLIT_K", True)
+    monkeypatch.setenv("LLAMA_TRITON_SPLITK", "1")
     monkeypatch.setattr(linear_mod, "decode_split_k", lambda n, k, sms: linear_mod._round_split(3, k))
     x, w = torch.randn(2, 96), torch.randn(24, 96)
     assert torch.equal(linear_triton(x, w), linear_triton(x, w))
