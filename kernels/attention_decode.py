@@ -22,6 +22,7 @@ from .arrival import arrival_counters, is_last_arrival
 from .attention_block import attend_kv_block
 from .dispatch import dot_precision, interpreting, sm_count, tune
 from .pdl import pdl_args, pdl_release, pdl_wait
+from .rotary import rotate_pair
 
 LOG2E = 1.4426950408889634
 MIN_CHUNK = 256  # below this a split's fixed cost outweighs the parallelism it adds
@@ -69,12 +70,14 @@ def _merge_partials(po_ptr, plse_ptr, parts, n_valid, hmask, d, dmask, n_heads, 
 
 @triton.jit
 def _rotated(ptrs, partner_ptrs, mask, c, s, lo):
-    """Rotary embedding (rotate_half layout) of the rows at ptrs, in fp32: x c - x' s in the
-    first half of each head, x c + x' s in the second, x' being the element half a head away.
-    The same products and sums as kernels/rotary.py, so the same bits."""
+    """Rotary embedding of the rows at ptrs, in fp32, by kernels/rotary.py's rotate_pair: an
+    element of a head's first half (lo) is that pair's first output, one of the second half,
+    whose partner is half a head back, the second."""
     x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
     p = tl.load(partner_ptrs, mask=mask, other=0.0).to(tl.float32)
-    return tl.where(lo, x * c - p * s, x * c + p * s)
+    first, _ = rotate_pair(x, p, c, s)
+    _, second = rotate_pair(p, x, c, s)
+    return tl.where(lo, first, second)
 
 
 @triton.jit
@@ -198,10 +201,10 @@ def paged_decode_triton(q, k_cache, v_cache, block_tables, seq_lens, query_start
     part_o = torch.empty((B, splits, n_heads, hd), device=q.device, dtype=torch.float32)
     part_lse = torch.empty((B, splits, n_heads), device=q.device, dtype=torch.float32)
     counters = arrival_counters(q.device, B * n_kv)
-    fresh = _new_token_args(new, q)
+    fresh, fresh_strides = _new_token_args(new, q)
     _decode_split_kernel[(B, n_kv, splits)](
         q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, part_o, part_lse,
-        counters, *fresh, q.stride(0), q.stride(1), *_strides(new), k_cache.stride(0),
+        counters, *fresh, q.stride(0), q.stride(1), *fresh_strides, k_cache.stride(0),
         k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2), block_tables.stride(0), block_tables.stride(1), out.stride(0),
         out.stride(1), scale * LOG2E, chunk_len, block_size, n_heads, group, hd, splits,
@@ -211,18 +214,14 @@ def paged_decode_triton(q, k_cache, v_cache, block_tables, seq_lens, query_start
     return out
 
 
-def _new_token_args(new: NewTokens | None, q: torch.Tensor) -> tuple:
-    """The kernel's k, v, position, cos, sin and slot pointers (q for each when unused)."""
+def _new_token_args(new: NewTokens | None, q: torch.Tensor) -> tuple[tuple, tuple]:
+    """The kernel's (k, v, position, cos, sin, slot) pointers and (skt, skh, svt, svh, s_cos)
+    strides; q and zeros, never read, without new tokens."""
     if new is None:
-        return (q,) * 6
+        return (q,) * 6, (0,) * 5
     for t in (new.k, new.v, new.cos, new.sin):
         assert t.stride(-1) == 1, "paged decode needs unit stride in the last dimension"
     assert new.cos.stride() == new.sin.stride()
-    return new.k, new.v, new.positions, new.cos, new.sin, new.slots
-
-
-def _strides(new: NewTokens | None) -> tuple:
-    """skt, skh, svt, svh, s_cos."""
-    if new is None:
-        return (0,) * 5
-    return new.k.stride(0), new.k.stride(1), new.v.stride(0), new.v.stride(1), new.cos.stride(0)
+    return ((new.k, new.v, new.positions, new.cos, new.sin, new.slots),
+            (new.k.stride(0), new.k.stride(1), new.v.stride(0), new.v.stride(1),
+             new.cos.stride(0)))

@@ -12,6 +12,15 @@ def use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda and os.environ.get("LLAMA_TRITON_BACKEND", "triton") != "torch"
 
 
+def switched_on(name: str, default: bool) -> bool:
+    """An A/B switch read from the environment at every call: unset gives the default, "1" on,
+    "0" off; anything else is a typo that would compare the wrong thing, so it fails loudly."""
+    value = os.environ.get(name, "1" if default else "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"{name}={value!r} is not one of '0', '1' (or unset)")
+    return value == "1"
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 

@@ -10,14 +10,12 @@ Two paths, because the two phases hit different limits:
 - prefill: compute-bound; tensor-core tiles with grouped ordering for L2 reuse.
 All are autotuned, keyed on (row-count bucket, N, K[, SPLIT_K]) so a new prompt length does not
 retune."""
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from .arrival import arrival_counters, is_last_arrival
-from .dispatch import dot_precision, sm_count, tune, use_triton
+from .dispatch import dot_precision, sm_count, switched_on, tune, use_triton
 from .pdl import pdl_args, pdl_release, pdl_wait
 
 DECODE_MAX_ROWS = 16
@@ -86,13 +84,6 @@ SPLIT_MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in _SPLIT_CONFIGS)  # most col
 # 2026-12-02). With a separate reduce kernel it had lost on the H100. LLAMA_TRITON_SPLITK=0
 # turns it off (A/B runs).
 DECODE_SPLIT_K = True
-
-
-def split_k_switched_on() -> bool:
-    value = os.environ.get("LLAMA_TRITON_SPLITK", "1" if DECODE_SPLIT_K else "0")
-    if value not in ("0", "1"):
-        raise ValueError(f"LLAMA_TRITON_SPLITK={value!r} is not one of '0', '1' (or unset)")
-    return value == "1"
 
 
 def decode_split_k(N, K, sms):
@@ -250,7 +241,8 @@ def linear_triton(x, weight, out_dtype=None):
     if M == 0:
         return out
     if M <= DECODE_MAX_ROWS:
-        split = decode_split_k(N, K, sm_count(x.device)) if split_k_switched_on() else (1, K)
+        split = decode_split_k(N, K, sm_count(x.device)) if switched_on("LLAMA_TRITON_SPLITK", DECODE_SPLIT_K) \
+            else (1, K)
         _launch_decode(x, weight, out, *split)
     else:
         args = (x, weight, out, M, N, K, triton.next_power_of_2(M), x.stride(0),

@@ -20,22 +20,12 @@ LLAMA_TRITON_PDL=0 turns it off (A/B runs); it is read at every launch, so a CUD
 the setting it was captured with. PDL stays off under the interpreter, off the GPU, and below
 compute capability 9."""
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from .dispatch import interpreting
-
-
-def pdl_switched_on() -> bool:
-    """LLAMA_TRITON_PDL: unset or "1" on, "0" off; anything else is a typo that would make an
-    A/B run compare the wrong thing, so it fails loudly."""
-    value = os.environ.get("LLAMA_TRITON_PDL", "1")
-    if value not in ("0", "1"):
-        raise ValueError(f"LLAMA_TRITON_PDL={value!r} is not one of '0', '1' (or unset)")
-    return value == "1"
+from .dispatch import interpreting, switched_on
 
 
 @functools.lru_cache(maxsize=None)
@@ -56,7 +46,7 @@ def pdl_enabled(device: torch.device) -> bool:
 def pdl_args(device: torch.device) -> dict:
     """Launch keyword arguments of a kernel that calls pdl_wait / pdl_release: its PDL constexpr
     and, when on, launch_pdl=True."""
-    if pdl_switched_on() and pdl_enabled(device):
+    if switched_on("LLAMA_TRITON_PDL", True) and pdl_enabled(device):
         return {"PDL": True, "launch_pdl": True}
     return {"PDL": False}
 

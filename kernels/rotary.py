@@ -70,6 +70,12 @@ def rotary_cache_write_ref(q, k, v, positions, cos, sin, k_cache, v_cache, slot_
 
 
 @triton.jit
+def rotate_pair(x1, x2, c, s):
+    """rotate_half rotary of the pairs (x1, x2) = (x[j], x[j + half]), in fp32."""
+    return x1 * c - x2 * s, x2 * c + x1 * s
+
+
+@triton.jit
 def _load_halves(ptr, rows, n_rows, row_stride, d, HALF):
     """One token's [rows, 2 * HALF] heads as two fp32 halves: (x[:, :HALF], x[:, HALF:])."""
     mask = (rows[:, None] < n_rows) & (d[None, :] < HALF)
@@ -108,11 +114,12 @@ def _rotary_cache_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, kc_ptr,
     k1, k2 = _load_halves(k_ptr + t * skt, hk, NKV, skh, d, HALF)
     v1, v2 = _load_halves(v_ptr + t * svt, hk, NKV, svh, d, HALF)
     pdl_release(PDL)
-    _store_halves(q_ptr + t * sqt, q1 * c - q2 * s, q2 * c + q1 * s, hq, NQ, sqh, d, HALF)
+    q1, q2 = rotate_pair(q1, q2, c, s)
+    _store_halves(q_ptr + t * sqt, q1, q2, hq, NQ, sqh, d, HALF)
     if slot >= 0:  # negative slots are padding rows: nothing to cache
         blk, row = slot // block_size, slot % block_size
-        _store_halves(kc_ptr + blk * kcb + row * kcr, k1 * c - k2 * s, k2 * c + k1 * s, hk, NKV,
-                      kch, d, HALF)
+        k1, k2 = rotate_pair(k1, k2, c, s)
+        _store_halves(kc_ptr + blk * kcb + row * kcr, k1, k2, hk, NKV, kch, d, HALF)
         _store_halves(vc_ptr + blk * vcb + row * vcr, v1, v2, hk, NKV, vch, d, HALF)
 
 

@@ -57,8 +57,7 @@ def test_linear_split_k_forced(monkeypatch, dtype, T, N, K, split):
 
 
 def test_linear_split_k_is_deterministic(monkeypatch):
-    monkeypatch.setenv("LLAMA_TRITON_SPLITK", "1")
-    monkeypatch.setattr(linear_mod, "decode_split_k", lambda n, k, sms: linear_mod._round_split(3, k))
+    _force_split(monkeypatch, 3)
     x, w = torch.randn(2, 96), torch.randn(24, 96)
     assert torch.equal(linear_triton(x, w), linear_triton(x, w))
 
