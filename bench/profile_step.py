@@ -2,6 +2,11 @@
 512-token prefill and for a CUDA-graph decode step, with torch.profiler.
 
     python -m bench.profile_step --shape 1b
+    python -m bench.profile_step --shape 8b --timeline steps.csv
+
+--timeline also writes every kernel of a few replayed batch-1 decode steps, in launch order,
+with its start and duration, so that a GEMV's bandwidth (its weight bytes over its duration) and
+the gaps between launches can be read off.
 """
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench.ours import build_engine, decode_tokens_per_s
+from bench.ours import build_engine, decode_tokens_per_s, graph_replay_ms
 from bench.shapes import SHAPES
 from runtime.sampler import SamplingParams
 
@@ -29,10 +34,29 @@ def _report(title, prof, rows=14):
     print(events.table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=60))
 
 
+def _write_timeline(engine, path, replays=3):
+    graph_replay_ms(engine, replays=2)  # warm
+    segments = engine.graphs.graphs[1].graphs
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            for g in segments:
+                g.replay()
+        torch.cuda.synchronize()
+    kernels = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                     key=lambda e: e.time_range.start)
+    with open(path, "w") as out:
+        out.write("name,start_us,duration_us\n")
+        for e in kernels:
+            name = e.name.replace(",", ";")
+            out.write(f"{name},{e.time_range.start:.3f},{e.time_range.elapsed_us():.3f}\n")
+    print(f"\n{len(kernels)} kernels of {replays} replays written to {path}")
+
+
 @torch.inference_mode()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="1b", choices=sorted(SHAPES))
+    parser.add_argument("--timeline", metavar="CSV", help="write each kernel of replayed steps")
     args = parser.parse_args()
     engine = build_engine(SHAPES[args.shape], torch.device("cuda", torch.cuda.current_device()))
     decode_tokens_per_s(engine, new_tokens=8)
@@ -45,6 +69,8 @@ def main() -> None:
         decode_tokens_per_s(engine, new_tokens=10)
         torch.cuda.synchronize()
     _report("10 decode steps (CUDA graphs) after a 16-token prefill", prof)
+    if args.timeline:
+        _write_timeline(engine, args.timeline)
 
 
 if __name__ == "__main__":
