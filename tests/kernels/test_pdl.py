@@ -62,7 +62,7 @@ def test_unknown_mode_names_the_allowed_ones(monkeypatch, value):
 # Compiles the decode kernels for sm_90 with PDL on, in a process
 # without TRITON_INTERPRET, and prints for each the order of the instructions that matter.
 _COMPILE_SM90 = r"""
-import inspect, json, sys
+import inspect, json, re, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -71,12 +71,47 @@ from kernels import argmax, attention_decode, gate_up_silu, linear, rmsnorm, rot
 KEYS = {"griddepcontrol.wait": "wait",
         "griddepcontrol.launch_dependents": "release", "ld.global": "load", "st.global": "store"}
 
+def pointer_roots(lines, pointers):
+    # for each PTX register, the pointer arguments its value derives from
+    sources = {}
+    for line in lines:
+        param = re.search(r"ld\.param\.\w+\s+(%\w+), \[\w+_param_(\d+)\]", line)
+        if param:
+            sources.setdefault(param.group(1), set()).add(int(param.group(2)))
+            continue
+        regs = re.findall(r"%\w+", line.split("//")[0])
+        if regs and not re.search(r"\b(ld|st|atom|bar|bra|setp)\.", line):
+            sources.setdefault(regs[0], set()).update(regs[1:])
+    def roots(reg, seen):
+        found = set()
+        for src in sources.get(reg, ()):
+            if isinstance(src, int):
+                found |= {pointers[src]} if src in pointers else set()
+            elif src not in seen:
+                seen.add(src)
+                found |= roots(src, seen)
+        return found
+    return roots
+
 def events(fn, sig, const, **opts):
+    # the kernel's waits, releases, loads and stores in order; a load is named with the
+    # pointer arguments its address derives from, e.g. "load:w_ptr"
+    pointers = {i: n for i, n in enumerate(n for n in sig if n not in const)
+                if sig[n].startswith("*")}
     sig = {**sig, **{k: "constexpr" for k in const}}
     kernel = triton.compile(ASTSource(fn, sig, const), target=GPUTarget("cuda", 90, 32),
                             options={"launch_pdl": True, **opts})
-    return [name for line in kernel.asm["ptx"].splitlines()
-            for key, name in KEYS.items() if key in line]
+    lines = kernel.asm["ptx"].splitlines()
+    roots = pointer_roots(lines, pointers)
+    out = []
+    for line in lines:
+        for key, name in KEYS.items():
+            if key in line:
+                address = re.search(r"\[\s*(%\w+)", line)
+                if name == "load" and address:
+                    name += ":" + "+".join(sorted(roots(address.group(1), set())))
+                out.append(name)
+    return out
 
 B = "*bf16"
 gemv = dict(x_ptr=B, w_ptr=B, out_ptr=B, M="i32", N="i32", K="i32", M_BUCKET="i32", sxm="i32",
@@ -86,12 +121,20 @@ rot = dict(q_ptr=B, k_ptr=B, v_ptr=B, pos_ptr="*i32", cos_ptr="*fp32", sin_ptr="
            **{a: "i32" for a in "sqt sqh skt skh svt svh s_cos kcb kcr kch vcb vcr vch "
               "block_size NQ NKV HALF".split()})
 out = {}
-for name, kern in (("linear", linear._decode_linear_kernel),
-                   ("gate_up_silu", gate_up_silu._decode_gate_up_silu_kernel)):
+splitk = dict(x_ptr=B, w_ptr=B, part_ptr="*fp32", out_ptr=B, counter_ptr="*i32", M="i32",
+              N="i32", K="i32", M_BUCKET="i32", SPLIT_K="i32", K_PER_SPLIT="i32", sxm="i32",
+              swn="i32", som="i32")
+for name, kern, fn, sig, extra in (
+        ("linear", linear._decode_linear_kernel, linear._decode_linear_kernel.fn, gemv, {}),
+        ("gate_up_silu", gate_up_silu._decode_gate_up_silu_kernel,
+         gate_up_silu._decode_gate_up_silu_kernel.fn, gemv, {}),
+        ("splitk", linear._decode_splitk_kernel, linear._decode_splitk_kernel.fn.fn, splitk,
+         {"EVEN_K": True})):
     for cfg in (kern.configs[0], kern.configs[-1]):
-        const = dict(DOT_PREC="tf32", PDL=True, **cfg.kwargs)
-        out[f"{name} {cfg.kwargs}"] = events(kern.fn, gemv, const, num_warps=cfg.num_warps,
-                                             num_stages=cfg.num_stages)
+        for early in (False, True):
+            const = dict(DOT_PREC="tf32", PDL=True, EARLY_W=early, **extra, **cfg.kwargs)
+            out[f"{name} {cfg.kwargs} early={early}"] = events(
+                fn, sig, const, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 out["rmsnorm"] = events(rmsnorm._rmsnorm_kernel.fn,
                         dict(x_ptr=B, r_ptr=B, w_ptr=B, out_ptr=B, s_ptr=B, H="i32", sx="i32",
                              sr="i32", so="i32", ss="i32", eps="fp32"),
@@ -132,10 +175,22 @@ def test_pdl_kernels_compile_for_sm90_in_the_right_order(tmp_path):
     attention, kernels = (json.loads(line) for line in run.stdout.strip().splitlines()[-2:])
     # the wait before any load or store, the release after the chunk's K/V loads
     assert attention.count("wait") == 1 and attention.count("release") == 1
-    assert attention.index("wait") < min(attention.index("load"), attention.index("store"))
-    assert len(kernels) == 8
+    first_access = min(i for i, e in enumerate(attention) if e.startswith(("load", "store")))
+    assert attention.index("wait") < first_access
+    assert len(kernels) == 16
     for name, ev in kernels.items():
         assert ev.count("wait") == 1 and ev.count("release") == 1, name
         wait, release = ev.index("wait"), ev.index("release")
-        last_load = max(i for i, e in enumerate(ev) if e == "load")
-        assert wait < ev.index("load") and last_load < release < ev.index("store"), (name, ev)
+        loads = [i for i, e in enumerate(ev) if e.startswith("load")]
+        # split-K's last program reads the partials after the release, as attention's merge does
+        main_loads = [i for i in loads if "part_ptr" not in ev[i]]
+        assert main_loads[-1] < release < ev.index("store"), (name, ev)
+        early = [ev[i] for i in loads if i < wait]
+        if "early=True" in name:
+            # the first weight tile streams before the wait; x, written by the kernel before,
+            # only after it
+            assert early and set(early) == {"load:w_ptr"}, (name, early)
+            assert any("x_ptr" in ev[i] for i in loads if i > wait), name
+        else:
+            assert not early, (name, early)
+        assert all(e != "load:" for e in ev), (name, "a load whose address was not traced")
