@@ -2,16 +2,21 @@
 
 Grid (sequence, kv head, split). A program packs the GROUP query heads that share one KV head
 into a BLOCK_H >= 16 row tile, so tl.dot runs on tensor cores and K/V are read once per group.
-Each sequence's KV range is cut into NUM_SPLITS chunks of a fixed length derived from the
-maximum length, never from seq_lens, so the grid is the same on every step (CUDA graphs);
-programs whose chunk starts past the sequence's end do nothing. Each split keeps its output
-and log-sum-exp in fp32; the last split program of a (sequence, kv head) to finish, found with
-an arrival counter, merges them and writes the output, so no second kernel is launched. Given
-the step's new k and v (NewTokens), every program rotates its q heads itself, and the program
-whose chunk holds the new position rotates k and writes k and v into the cache before it reads
-that chunk: no rotary launch runs before this one. The
-block table may be int32 or int64 with any strides: the decode graphs pass a transposed view of
-their packed input (no copy per step)."""
+Each sequence's positions are cut into chunks of a fixed length (at most CHUNK); program
+`split` of NUM_SPLITS takes chunks split, split + NUM_SPLITS, ..., so the grid depends on
+neither seq_lens nor the step (CUDA graphs), every length is covered, and a long sequence keeps
+all splits busy. Programs whose first chunk starts past the sequence's end do nothing. Each
+split keeps its output and log-sum-exp in fp32; the last split program of a (sequence, kv
+head) to finish, found with an arrival counter, merges them and writes the output, so no second
+kernel is launched.
+
+Given the step's new k and v (NewTokens), each sequence's last position is that new token:
+every program rotates its q heads itself, the cache is read below the new position only, and
+the program whose chunk holds the new position rotates k, writes k and v into the cache for
+later steps and folds them in from registers. No rotary launch runs before this one, and the
+cache rows it reads are older than the kernel before it (the QKV GEMV), so the first block of
+them is loaded before the PDL wait. The block table may be int32 or int64 with any strides: the
+decode graphs pass a transposed view of their packed input (no copy per step)."""
 from typing import NamedTuple
 
 import torch
@@ -19,30 +24,47 @@ import triton
 import triton.language as tl
 
 from .arrival import arrival_counters, is_last_arrival
-from .attention_block import attend_kv_block
+from .attention_block import attend_kv_block, fold_kv_block, load_kv_block
 from .dispatch import dot_precision, interpreting, sm_count, tune
 from .pdl import pdl_args, pdl_release, pdl_wait
 from .rotary import rotate_pair
 
 LOG2E = 1.4426950408889634
-MIN_CHUNK = 256  # below this a split's fixed cost outweighs the parallelism it adds
+# Positions a program attends at a time: shorter chunks add parallelism for long sequences,
+# longer ones cut a split's fixed cost. A program takes chunks split, split + splits, ...
+CHUNK = 256
+INTERPRETED_CHUNK = 16  # small enough that the CPU tests reach several splits
+
+
+def _chunk_cap() -> int:
+    return INTERPRETED_CHUNK if interpreting() else CHUNK
 
 
 @triton.jit
-def _attend_chunk(q, kc_ptr, vc_ptr, table, kvh, start, end, kcb, kcr, kch, vcb, vcr, vch,
-                  s_tcol, block_size, scale_log2, d, dmask, BLOCK_H: tl.constexpr,
-                  BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Softmax-weighted V over positions [start, end): (output, log2-sum-exp) per head row."""
-    m_i = tl.full((BLOCK_H,), float("-inf"), tl.float32)
-    l_i = tl.zeros((BLOCK_H,), tl.float32)
-    acc = tl.zeros((BLOCK_H, BLOCK_D), tl.float32)
-    for n0 in range(start, end, BLOCK_N):
+def _attend_range(q, m_i, l_i, acc, lo, hi, table, s_tcol, kc_ptr, vc_ptr, kvh, kcb, kcr, kch,
+                  vcb, vcr, vch, block_size, d, dmask, scale_log2, BLOCK_N: tl.constexpr,
+                  DOT_PREC: tl.constexpr):
+    """Fold the cache positions [lo, hi) into the running (max, sum, output)."""
+    for n0 in range(lo, hi, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
-        pmask = pos < end
+        pmask = pos < hi
         m_i, l_i, acc = attend_kv_block(q, m_i, l_i, acc, pos, pmask, pmask[None, :], table,
                                         s_tcol, kc_ptr, vc_ptr, kvh, kcb, kcr, kch, vcb, vcr, vch,
                                         block_size, d, dmask, scale_log2, DOT_PREC)
-    return acc / l_i[:, None], m_i + tl.log2(l_i)
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _fold_new_token(q, m_i, l_i, acc, k, v, scale_log2):
+    """Fold one position whose k and v rows [BLOCK_D], in the cache's type, are in registers,
+    as fold_kv_block folds a block: fp32 scores, p rounded to v's type for the output."""
+    s = tl.sum(q.to(tl.float32) * k.to(tl.float32)[None, :], axis=1) * scale_log2
+    m_new = tl.maximum(m_i, s)
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new)
+    l_i = l_i * alpha + p
+    acc = acc * alpha[:, None] + p.to(v.dtype).to(tl.float32)[:, None] * v.to(tl.float32)[None, :]
+    return m_new, l_i, acc
 
 
 @triton.jit
@@ -81,18 +103,17 @@ def _rotated(ptrs, partner_ptrs, mask, c, s, lo):
 
 
 @triton.jit
-def _write_new_kv(k_row, v_row, kc_head, vc_head, slot_ptr, kcb, kcr, vcb, vcr, block_size, d,
-                  partner, dmask, c, s, lo):
-    """Rotate this token's k row of one KV head and write it and its v row into the cache."""
-    slot = tl.load(slot_ptr).to(tl.int64)
-    if slot >= 0:  # negative slots are padding rows: nothing to cache
+def _new_kv(k_row, v_row, kc_head, vc_head, slot, kcb, kcr, vcb, vcr, block_size, d, partner,
+            dmask, c, s, lo):
+    """This token's k row of one KV head rotated, and its v row, in the cache's type; written
+    into the cache at slot (negative slots are padding rows: nothing to cache)."""
+    k = _rotated(k_row + d, k_row + partner, dmask, c, s, lo).to(kc_head.dtype.element_ty)
+    v = tl.load(v_row + d, mask=dmask, other=0.0).to(vc_head.dtype.element_ty)
+    if slot >= 0:
         blk, row = slot // block_size, slot % block_size
-        k = _rotated(k_row + d, k_row + partner, dmask, c, s, lo)
-        tl.store(kc_head + blk * kcb + row * kcr + d, k.to(kc_head.dtype.element_ty), mask=dmask)
-        v = tl.load(v_row + d, mask=dmask, other=0.0)
-        tl.store(vc_head + blk * vcb + row * vcr + d, v.to(vc_head.dtype.element_ty), mask=dmask)
-    # the program's own loads below read the slot just written: all threads' stores go first
-    tl.debug_barrier()
+        tl.store(kc_head + blk * kcb + row * kcr + d, k, mask=dmask)
+        tl.store(vc_head + blk * vcb + row * vcr + d, v, mask=dmask)
+    return k, v
 
 
 @triton.autotune(
@@ -109,50 +130,80 @@ def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, qsl_ptr, ou
                          NUM_SPLITS, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
                          BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, DOT_PREC: tl.constexpr,
                          NEW_KV: tl.constexpr, PDL: tl.constexpr):
-    pdl_wait(PDL)  # everything below reads or writes what earlier kernels touch (kernels.pdl)
+    if not NEW_KV:
+        pdl_wait(PDL)  # the kernel before may have written any cache row (kernels.pdl)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     q_row = tl.load(qsl_ptr + b)
     n_q = tl.load(qsl_ptr + b + 1) - q_row
     seq_len = tl.load(lens_ptr + b)
+    # with new tokens, the last position is this step's token: its k and v come in registers
+    cached = seq_len
+    if NEW_KV:
+        cached = seq_len - 1
     start = split * chunk_len
-    if (n_q > 0) & (start < seq_len):
-        end = tl.minimum(start + chunk_len, seq_len)
-        h = tl.arange(0, BLOCK_H)
-        heads = kvh * GROUP + h
-        hmask = h < GROUP
-        d = tl.arange(0, BLOCK_D)
-        dmask = d < HD
-        omask = hmask[:, None] & dmask[None, :]
+    active = (n_q > 0) & (start < seq_len)
+    h = tl.arange(0, BLOCK_H)
+    heads = kvh * GROUP + h
+    hmask = h < GROUP
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < HD
+    omask = hmask[:, None] & dmask[None, :]
+    table = table_ptr + b.to(tl.int64) * s_table
+    # The first block of the first chunk. With new tokens, the kernel before (the QKV GEMV)
+    # writes only q, k and v: the graph's inputs, the rotary tables and the cache rows below
+    # the new position are older, so they are read before the PDL wait.
+    first_end = tl.minimum(start + chunk_len, cached)
+    pos0 = start + tl.arange(0, BLOCK_N)
+    mask0 = pos0 < tl.where(active, first_end, 0)  # nothing for a program without work
+    k0, v0 = load_kv_block(pos0, mask0, table, s_tcol, kc_ptr, vc_ptr, kvh, kcb, kcr, kch, vcb,
+                           vcr, vch, block_size, d, dmask)
+    if NEW_KV:
+        row = tl.where(active, q_row, 0)  # a padding sequence's q_row may be past the end
+        pos = tl.load(pos_ptr + row).to(tl.int64)
+        slot = tl.load(slot_ptr + row).to(tl.int64)
+        half = HD // 2
+        lo = d < half
+        partner = tl.where(lo, d + half, d - half)
+        c = tl.load(cos_ptr + pos * s_cos + d % half, mask=dmask, other=0.0)
+        s = tl.load(sin_ptr + pos * s_cos + d % half, mask=dmask, other=0.0)
+        pdl_wait(PDL)
+    if active:
         q_ptrs = q_ptr + q_row.to(tl.int64) * sqt + heads[:, None] * sqh
         if NEW_KV:
-            pos = tl.load(pos_ptr + q_row).to(tl.int64)
-            half = HD // 2
-            lo = d < half
-            partner = tl.where(lo, d + half, d - half)
-            c = tl.load(cos_ptr + pos * s_cos + d % half, mask=dmask, other=0.0)
-            s = tl.load(sin_ptr + pos * s_cos + d % half, mask=dmask, other=0.0)
             q = _rotated(q_ptrs + d[None, :], q_ptrs + partner[None, :], omask, c, s, lo)
             q = q.to(q_ptr.dtype.element_ty)  # rounded as if written back, like the reference
-            n_run = tl.minimum(tl.cdiv(seq_len, chunk_len), NUM_SPLITS)
-            if split == tl.minimum(pos // chunk_len, n_run - 1):  # the one program reading it
-                _write_new_kv(k_ptr + q_row.to(tl.int64) * skt + kvh * skh,
-                              v_ptr + q_row.to(tl.int64) * svt + kvh * svh,
-                              kc_ptr + kvh * kch, vc_ptr + kvh * vch, slot_ptr + q_row, kcb, kcr,
-                              vcb, vcr, block_size, d, partner, dmask, c, s, lo)
         else:
             q = tl.load(q_ptrs + d[None, :], mask=omask, other=0.0)
-        table = table_ptr + b.to(tl.int64) * s_table
-        o, lse = _attend_chunk(q, kc_ptr, vc_ptr, table, kvh, start, end, kcb, kcr, kch, vcb,
-                               vcr, vch, s_tcol, block_size, scale_log2, d, dmask, BLOCK_H,
-                               BLOCK_D, BLOCK_N, DOT_PREC)
+        m_i = tl.full((BLOCK_H,), float("-inf"), tl.float32)
+        l_i = tl.zeros((BLOCK_H,), tl.float32)
+        acc = tl.zeros((BLOCK_H, BLOCK_D), tl.float32)
+        if start < first_end:  # else this chunk holds only the new token: no -inf - -inf
+            m_i, l_i, acc = fold_kv_block(q, m_i, l_i, acc, k0, v0, mask0[None, :], scale_log2,
+                                          DOT_PREC)
+        m_i, l_i, acc = _attend_range(q, m_i, l_i, acc, start + BLOCK_N, first_end, table, s_tcol,
+                                      kc_ptr, vc_ptr, kvh, kcb, kcr, kch, vcb, vcr, vch,
+                                      block_size, d, dmask, scale_log2, BLOCK_N, DOT_PREC)
+        # a program takes chunks split, split + NUM_SPLITS, ...: any length is covered
+        for c0 in range(start + NUM_SPLITS * chunk_len, cached, NUM_SPLITS * chunk_len):
+            m_i, l_i, acc = _attend_range(q, m_i, l_i, acc, c0, tl.minimum(c0 + chunk_len, cached),
+                                          table, s_tcol, kc_ptr, vc_ptr, kvh, kcb, kcr, kch, vcb,
+                                          vcr, vch, block_size, d, dmask, scale_log2, BLOCK_N,
+                                          DOT_PREC)
+        if NEW_KV:
+            if split == (cached // chunk_len) % NUM_SPLITS:  # the chunk holding the new token
+                k_new, v_new = _new_kv(k_ptr + q_row.to(tl.int64) * skt + kvh * skh,
+                                       v_ptr + q_row.to(tl.int64) * svt + kvh * svh,
+                                       kc_ptr + kvh * kch, vc_ptr + kvh * vch, slot, kcb, kcr,
+                                       vcb, vcr, block_size, d, partner, dmask, c, s, lo)
+                m_i, l_i, acc = _fold_new_token(q, m_i, l_i, acc, k_new, v_new, scale_log2)
         pdl_release(PDL)
+        o = acc / l_i[:, None]
+        lse = m_i + tl.log2(l_i)
         out = out_ptr + q_row.to(tl.int64) * sot + heads[:, None] * soh + d[None, :]
         if SPLIT:
-            # splits that run for this sequence; the clamp keeps a length past max_seq_len from
-            # waiting for a split that does not exist, which would leave its counter set for good
-            n_valid = tl.minimum(tl.cdiv(seq_len, chunk_len), NUM_SPLITS)
+            n_valid = tl.minimum(tl.cdiv(seq_len, chunk_len), NUM_SPLITS)  # programs with work
             if n_valid > 1:
                 parts = (b * NUM_SPLITS * n_heads + heads).to(tl.int64)  # [b, split, head] rows
                 mine = parts + split * n_heads
@@ -169,10 +220,10 @@ def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, qsl_ptr, ou
 
 
 def decode_splits(device, batch, n_kv, max_len):
-    """Splits per sequence: enough programs to cover the SMs twice, chunks of >= MIN_CHUNK."""
-    min_chunk = 16 if interpreting() else MIN_CHUNK
+    """Programs per (sequence, kv head): enough to cover the SMs twice, no more than there are
+    chunks in max_len."""
     want = triton.cdiv(2 * sm_count(device), max(1, batch * n_kv))
-    return max(1, min(want, triton.cdiv(max_len, min_chunk)))
+    return max(1, min(want, triton.cdiv(max_len, _chunk_cap())))
 
 
 class NewTokens(NamedTuple):
@@ -195,7 +246,7 @@ def paged_decode_triton(q, k_cache, v_cache, block_tables, seq_lens, query_start
     group = n_heads // n_kv
     max_len = max_seq_len or block_tables.shape[1] * block_size
     splits = num_splits or decode_splits(q.device, B, n_kv, max_len)
-    chunk_len = triton.cdiv(max_len, splits)
+    chunk_len = min(_chunk_cap(), triton.cdiv(max_len, splits))
     out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     # laid out [sequence, split, head], so a split's rows for one kv head's group are adjacent
     part_o = torch.empty((B, splits, n_heads, hd), device=q.device, dtype=torch.float32)

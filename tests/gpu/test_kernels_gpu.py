@@ -298,6 +298,25 @@ def test_paged_decode_rotates_and_writes_new_tokens(batch, splits, n_heads, n_kv
     assert _decode_counters_at_zero()
 
 
+@pytest.mark.parametrize("with_new", [False, True])
+def test_paged_decode_long_sequences_take_several_chunks(with_new):
+    """Against the model's maximum length (131072): chunks of CHUNK, 33 programs per kv head
+    for a 20000-long sequence, so each takes several chunks; a short one beside it."""
+    lens = [20000, 3000, 1]
+    q, kc, vc, bt, sl, qsl = _paged_batch(lens, [1] * 3, 32, 8, 128, torch.bfloat16)
+    new = _new_tokens(q, bt, sl, qsl, 8) if with_new else None
+    q_ref, kc_ref, vc_ref = q.clone(), kc.clone(), vc.clone()
+    if with_new:
+        cos, sin = rope_tables(128, 32768, 500000.0, device=DEV)  # positions past 4096
+        new = new._replace(cos=cos, sin=sin)
+        rotary_cache_write_ref(q_ref, new.k, new.v, new.positions, new.cos, new.sin, kc_ref,
+                               vc_ref, new.slots)
+    ref = paged_attention_ref(*up(q_ref, kc_ref, vc_ref), bt, sl, qsl, 1, 128 ** -0.5)
+    out = paged_decode_triton(q, kc, vc, bt, sl, qsl, 128 ** -0.5, 131072, new=new)
+    assert rel_err(out, ref) < TOL[torch.bfloat16]
+    assert _decode_counters_at_zero()
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n_heads,n_kv", GQA)
 @pytest.mark.parametrize("hd", [64, 128])
