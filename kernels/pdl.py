@@ -54,8 +54,10 @@ def pdl_args(device: torch.device) -> dict:
 @triton.jit
 def pdl_wait(PDL: tl.constexpr):
     """Wait until the kernel before has finished and its writes are visible. Call it before the
-    first load of anything another kernel writes and before the first store; only loads of
-    memory no kernel writes (weights) may come before it."""
+    first store and before the first load of anything the kernel before may write. Loads of
+    memory it does not write may come first: weights, and (decode attention) the step's graph
+    inputs and cache rows of earlier steps. Those were written before it started, and it starts
+    only after the kernel before it has passed its own wait, so by kernels already finished."""
     if PDL:
         tl.extra.cuda.gdc_wait()
 
