@@ -16,6 +16,7 @@ from runtime.sampler import SamplingParams
 from runtime.scheduler import Scheduler
 
 BLOCK_SIZE = 16
+LONG_PROMPT = 4096
 
 
 def build_engine(config, device, cuda_graphs=True, dtype=torch.bfloat16):
@@ -86,6 +87,8 @@ def measure(config, device, cuda_graphs=True) -> dict:
     result = {"build_s": build_s,
               "decode": decode_tokens_per_s(engine),
               "decode_scheduler": decode_tokens_per_s(engine, through_scheduler=True),
+              # a long context: the decode attention's share of the step grows with it
+              "decode_long": decode_tokens_per_s(engine, prompt_len=LONG_PROMPT, new_tokens=64),
               "prefill": prefill_tokens_per_s(engine),
               "replay_ms": graph_replay_ms(engine),
               "peak_gb": torch.cuda.max_memory_allocated(device) / 1e9,
