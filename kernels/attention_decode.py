@@ -103,13 +103,13 @@ def _rotated(ptrs, partner_ptrs, mask, c, s, lo):
 
 
 @triton.jit
-def _new_kv(k_row, v_row, kc_head, vc_head, slot, kcb, kcr, vcb, vcr, block_size, d, partner,
-            dmask, c, s, lo):
+def _new_kv(k_row, v_row, kc_head, vc_head, slot, writes, kcb, kcr, vcb, vcr, block_size, d,
+            partner, dmask, c, s, lo):
     """This token's k row of one KV head rotated, and its v row, in the cache's type; written
-    into the cache at slot (negative slots are padding rows: nothing to cache)."""
+    into the cache at slot if `writes` (negative slots are padding rows: nothing to cache)."""
     k = _rotated(k_row + d, k_row + partner, dmask, c, s, lo).to(kc_head.dtype.element_ty)
     v = tl.load(v_row + d, mask=dmask, other=0.0).to(vc_head.dtype.element_ty)
-    if slot >= 0:
+    if writes & (slot >= 0):
         blk, row = slot // block_size, slot % block_size
         tl.store(kc_head + blk * kcb + row * kcr + d, k, mask=dmask)
         tl.store(vc_head + blk * vcb + row * vcr + d, v, mask=dmask)
@@ -174,6 +174,13 @@ def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, qsl_ptr, ou
         if NEW_KV:
             q = _rotated(q_ptrs + d[None, :], q_ptrs + partner[None, :], omask, c, s, lo)
             q = q.to(q_ptr.dtype.element_ty)  # rounded as if written back, like the reference
+            # every program loads the new k and v beside q (one round trip); the one whose
+            # chunk holds the new token writes them to the cache and folds them in
+            owns_new = split == (cached // chunk_len) % NUM_SPLITS
+            k_new, v_new = _new_kv(k_ptr + q_row.to(tl.int64) * skt + kvh * skh,
+                                   v_ptr + q_row.to(tl.int64) * svt + kvh * svh,
+                                   kc_ptr + kvh * kch, vc_ptr + kvh * vch, slot, owns_new, kcb,
+                                   kcr, vcb, vcr, block_size, d, partner, dmask, c, s, lo)
         else:
             q = tl.load(q_ptrs + d[None, :], mask=omask, other=0.0)
         m_i = tl.full((BLOCK_H,), float("-inf"), tl.float32)
@@ -192,11 +199,7 @@ def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, qsl_ptr, ou
                                           vcr, vch, block_size, d, dmask, scale_log2, BLOCK_N,
                                           DOT_PREC)
         if NEW_KV:
-            if split == (cached // chunk_len) % NUM_SPLITS:  # the chunk holding the new token
-                k_new, v_new = _new_kv(k_ptr + q_row.to(tl.int64) * skt + kvh * skh,
-                                       v_ptr + q_row.to(tl.int64) * svt + kvh * svh,
-                                       kc_ptr + kvh * kch, vc_ptr + kvh * vch, slot, kcb, kcr,
-                                       vcb, vcr, block_size, d, partner, dmask, c, s, lo)
+            if owns_new:
                 m_i, l_i, acc = _fold_new_token(q, m_i, l_i, acc, k_new, v_new, scale_log2)
         pdl_release(PDL)
         o = acc / l_i[:, None]
