@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from .dispatch import dot_precision, tune, use_triton
-from .linear import DECODE_MAX_ROWS, early_weights, linear_ref, linear_triton
+from .linear import DECODE_MAX_ROWS, linear_ref, linear_triton
 from .pdl import pdl_args, pdl_release, pdl_wait
 from .silu_mul import silu_mul_ref, silu_mul_triton
 
@@ -40,29 +40,17 @@ def gate_up_silu_ref(x, w13):
 @triton.jit
 def _decode_gate_up_silu_kernel(x_ptr, w_ptr, out_ptr, M, N, K, M_BUCKET, sxm, swn, som,
                                 DOT_PREC: tl.constexpr, PDL: tl.constexpr,
-                                EARLY_W: tl.constexpr, BLOCK_N: tl.constexpr,
+                                BLOCK_N: tl.constexpr,
                                 BLOCK_K: tl.constexpr):
     rm = tl.arange(0, 16)  # rows padded to tl.dot's minimum
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
+    pdl_wait(PDL)
     gate_rows = w_ptr + rn[None, :].to(tl.int64) * swn
     up_rows = w_ptr + (N + rn[None, :]).to(tl.int64) * swn  # up row j is w13 row I + j
     g = tl.zeros((16, BLOCK_N), dtype=tl.float32)
     u = tl.zeros((16, BLOCK_N), dtype=tl.float32)
-    k_start = 0
-    if EARLY_W:  # the first weight tiles before the wait, as in kernels.linear
-        w_mask = (rn[None, :] < N) & (rk[:, None] < K)
-        wg = tl.load(gate_rows + rk[:, None], mask=w_mask, other=0.0)
-        wu = tl.load(up_rows + rk[:, None], mask=w_mask, other=0.0)
-        pdl_wait(PDL)
-        x = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :],
-                    mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
-        g = tl.dot(x, wg, g, input_precision=DOT_PREC)
-        u = tl.dot(x, wu, u, input_precision=DOT_PREC)
-        k_start = BLOCK_K
-    else:
-        pdl_wait(PDL)
-    for k0 in range(k_start, K, BLOCK_K):
+    for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
         x = tl.load(x_ptr + rm[:, None] * sxm + kk[None, :],
                     mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
@@ -94,7 +82,7 @@ def gate_up_silu_triton(x, w13):
     _decode_gate_up_silu_kernel[grid](x, w13, out, M, I, K, triton.next_power_of_2(M),
                                       x.stride(0), w13.stride(0), out.stride(0),
                                       DOT_PREC=dot_precision(x.dtype),
-                                      EARLY_W=early_weights(), **pdl_args(x.device))
+                                      **pdl_args(x.device))
     return out
 
 

@@ -86,12 +86,6 @@ SPLIT_MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in _SPLIT_CONFIGS)  # most col
 DECODE_SPLIT_K = True
 
 
-def early_weights() -> bool:
-    """Whether the decode GEMVs load their first weight tile before the PDL wait (A/B switch
-    LLAMA_TRITON_EARLYW)."""
-    return switched_on("LLAMA_TRITON_EARLYW", True)
-
-
 def decode_split_k(N, K, sms):
     """(SPLIT_K, K per split) for a decode GEMV: 1 while N alone gives every SM a program at
     BLOCK_N=64 (the unsplit kernel then has 2-8x SMs programs at BLOCK_N 32-16); otherwise
@@ -111,28 +105,19 @@ def _round_split(split, K):
 @triton.autotune(configs=_decode_configs(), key=["M_BUCKET", "N", "K"])
 @triton.jit
 def _decode_linear_kernel(x_ptr, w_ptr, out_ptr, M, N, K, M_BUCKET, sxm, swn, som,
-                          DOT_PREC: tl.constexpr, PDL: tl.constexpr, EARLY_W: tl.constexpr,
+                          DOT_PREC: tl.constexpr, PDL: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rm = tl.arange(0, 16)  # rows padded to tl.dot's minimum
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
-    w_rows = w_ptr + rn[None, :].to(tl.int64) * swn
+    pdl_wait(PDL)
     acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
-    k_start = 0
-    if EARLY_W:  # see _decode_splitk_kernel
-        w = tl.load(w_rows + rk[:, None], mask=(rn[None, :] < N) & (rk[:, None] < K), other=0.0)
-        pdl_wait(PDL)
-        x = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :],
-                    mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
-        acc = tl.dot(x, w, acc, input_precision=DOT_PREC)
-        k_start = BLOCK_K
-    else:
-        pdl_wait(PDL)
-    for k0 in range(k_start, K, BLOCK_K):
+    for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
         x = tl.load(x_ptr + rm[:, None] * sxm + kk[None, :],
                     mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
-        w = tl.load(w_rows + kk[:, None], mask=(rn[None, :] < N) & (kk[:, None] < K), other=0.0)
+        w = tl.load(w_ptr + rn[None, :].to(tl.int64) * swn + kk[:, None],
+                    mask=(rn[None, :] < N) & (kk[:, None] < K), other=0.0)
         acc += tl.dot(x, w, input_precision=DOT_PREC)
     pdl_release(PDL)
     tl.store(out_ptr + rm[:, None] * som + rn[None, :], acc.to(out_ptr.dtype.element_ty),
@@ -144,8 +129,9 @@ def _decode_linear_kernel(x_ptr, w_ptr, out_ptr, M, N, K, M_BUCKET, sxm, swn, so
 @triton.jit
 def _decode_splitk_kernel(x_ptr, w_ptr, part_ptr, out_ptr, counter_ptr, M, N, K, M_BUCKET,
                           SPLIT_K, K_PER_SPLIT, sxm, swn, som, DOT_PREC: tl.constexpr,
-                          PDL: tl.constexpr, EARLY_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           EVEN_K: tl.constexpr):
+    pdl_wait(PDL)
     pid_k = tl.program_id(1)
     rm = tl.arange(0, 16)  # rows padded to tl.dot's minimum
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -155,20 +141,7 @@ def _decode_splitk_kernel(x_ptr, w_ptr, part_ptr, out_ptr, counter_ptr, M, N, K,
     x_ptrs = x_ptr + rm[:, None] * sxm + (k_lo + rk)[None, :]
     w_ptrs = w_ptr + rn[None, :].to(tl.int64) * swn + (k_lo + rk)[:, None]
     acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
-    k_start = k_lo
-    if EARLY_W:
-        # No kernel writes the weights: the first tile is loaded before the wait, so the memory
-        # system streams it while the kernel before finishes (every split has >= 1 column).
-        w = tl.load(w_ptrs, mask=(rn[None, :] < N) & (rk[:, None] < k_hi - k_lo), other=0.0)
-        pdl_wait(PDL)
-        x = tl.load(x_ptrs, mask=(rm[:, None] < M) & (rk[None, :] < k_hi - k_lo), other=0.0)
-        acc = tl.dot(x, w, acc, input_precision=DOT_PREC)
-        x_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
-        k_start += BLOCK_K
-    else:
-        pdl_wait(PDL)
-    for k0 in range(k_start, k_hi, BLOCK_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         if EVEN_K:
             x = tl.load(x_ptrs, mask=rm[:, None] < M, other=0.0)
             w = tl.load(w_ptrs, mask=rn[None, :] < N, other=0.0)
@@ -200,14 +173,14 @@ def _launch_decode(x, weight, out, split, k_per_split):
         grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)
         _decode_linear_kernel[grid](x, weight, out, M, N, K, m_bucket, x.stride(0),
                                     weight.stride(0), out.stride(0), DOT_PREC=prec,
-                                    EARLY_W=early_weights(), **pdl_args(x.device))
+                                    **pdl_args(x.device))
         return
     part = torch.empty((split, M, N), device=x.device, dtype=torch.float32)
     counters = arrival_counters(x.device, triton.cdiv(N, SPLIT_MIN_BLOCK_N))
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), split)
     _decode_splitk_kernel[grid](x, weight, part, out, counters, M, N, K, m_bucket, split,
                                 k_per_split, x.stride(0), weight.stride(0), out.stride(0),
-                                DOT_PREC=prec, EARLY_W=early_weights(), **pdl_args(x.device))
+                                DOT_PREC=prec, **pdl_args(x.device))
 
 
 def _fp32_prefill_prune(configs, named_args, **kwargs):

@@ -131,10 +131,9 @@ for name, kern, fn, sig, extra in (
         ("splitk", linear._decode_splitk_kernel, linear._decode_splitk_kernel.fn.fn, splitk,
          {"EVEN_K": True})):
     for cfg in (kern.configs[0], kern.configs[-1]):
-        for early in (False, True):
-            const = dict(DOT_PREC="tf32", PDL=True, EARLY_W=early, **extra, **cfg.kwargs)
-            out[f"{name} {cfg.kwargs} early={early}"] = events(
-                fn, sig, const, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        const = dict(DOT_PREC="tf32", PDL=True, **extra, **cfg.kwargs)
+        out[f"{name} {cfg.kwargs}"] = events(fn, sig, const, num_warps=cfg.num_warps,
+                                             num_stages=cfg.num_stages)
 out["rmsnorm"] = events(rmsnorm._rmsnorm_kernel.fn,
                         dict(x_ptr=B, r_ptr=B, w_ptr=B, out_ptr=B, s_ptr=B, H="i32", sx="i32",
                              sr="i32", so="i32", ss="i32", eps="fp32"),
@@ -166,8 +165,9 @@ print(json.dumps(out))
 
 def test_pdl_kernels_compile_for_sm90_in_the_right_order(tmp_path):
     """Without a GPU the gdc calls are only checked here: each kernel compiles (through ptxas),
-    nothing is loaded before the wait, and the release comes after the last load and before the
-    first store."""
+    nothing is stored before the wait, and nothing loaded before it but what the decode attention
+    may read early (each load traced back to the pointer arguments its address comes from); the
+    release comes after the last main-loop load and before the first store."""
     pytest.importorskip("triton.backends.nvidia")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -191,20 +191,13 @@ def test_pdl_kernels_compile_for_sm90_in_the_right_order(tmp_path):
             assert any(e.startswith("load") and "q_ptr" in e for e in ev[wait:]), name
         else:
             assert not early, early  # the kernel before may have written the cache
-    assert len(kernels) == 16
+    assert len(kernels) == 10
     for name, ev in kernels.items():
         assert ev.count("wait") == 1 and ev.count("release") == 1, name
         wait, release = ev.index("wait"), ev.index("release")
         loads = [i for i, e in enumerate(ev) if e.startswith("load")]
+        assert loads[0] > wait, (name, ev)
         # split-K's last program reads the partials after the release, as attention's merge does
         main_loads = [i for i in loads if "part_ptr" not in ev[i]]
         assert main_loads[-1] < release < ev.index("store"), (name, ev)
-        early = [ev[i] for i in loads if i < wait]
-        if "early=True" in name:
-            # the first weight tile streams before the wait; x, written by the kernel before,
-            # only after it
-            assert early and set(early) == {"load:w_ptr"}, (name, early)
-            assert any("x_ptr" in ev[i] for i in loads if i > wait), name
-        else:
-            assert not early, (name, early)
         assert all(e != "load:" for e in ev), (name, "a load whose address was not traced")
