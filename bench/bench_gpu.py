@@ -60,8 +60,9 @@ def main() -> None:
 def _table(rows) -> str:
     def f(row, key, fmt="{:.0f}"):
         return fmt.format(row[key]) if key in row else "-"
-    lines = ["| shape | decode tok/s (b=1) | same through the scheduler | roofline | % of roofline | "
-             "graph replay alone, tok/s | decode after a 4096-token prompt | decode, no graphs | "
+    lines = ["| shape | decode tok/s (b=1) | same through the scheduler | roofline | "
+             "% of roofline | graph replay alone, tok/s | decode after a 4096-token prompt | "
+             "decode, no graphs | "
              "prefill 512 tok/s | peak GB | transformers eager | transformers static+compile |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:

@@ -17,6 +17,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from bench.ours import build_engine, decode_tokens_per_s, graph_replay_ms
 from bench.shapes import SHAPES
+from bench.timeline import Kernel, middle_step, summarize
 from runtime.sampler import SamplingParams
 
 
@@ -42,14 +43,16 @@ def _write_timeline(engine, path, replays=3):
             for g in segments:
                 g.replay()
         torch.cuda.synchronize()
-    kernels = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
-                     key=lambda e: e.time_range.start)
+    kernels = sorted((Kernel(e.name.replace(",", ";"), e.time_range.start,
+                             e.time_range.elapsed_us())
+                      for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                     key=lambda k: k.start_us)
     with open(path, "w") as out:
         out.write("name,start_us,duration_us\n")
-        for e in kernels:
-            name = e.name.replace(",", ";")
-            out.write(f"{name},{e.time_range.start:.3f},{e.time_range.elapsed_us():.3f}\n")
+        for k in kernels:
+            out.write(f"{k.name},{k.start_us:.3f},{k.duration_us:.3f}\n")
     print(f"\n{len(kernels)} kernels of {replays} replays written to {path}")
+    print(summarize(middle_step(kernels, replays)))
 
 
 @torch.inference_mode()
