@@ -113,7 +113,9 @@ class LlamaModel:
     def run_layers(self, start: int, end: int, hidden, residual, meta: BatchMeta, kv_caches):
         """Layers start..end-1, all on one device; residual is None before the first layer."""
         for i in range(start, end):
-            hidden, residual = self._block(self.layers[i], hidden, residual, meta, kv_caches[i])
+            # inside the run, the next block's RMSNorm may sum w2's split-K partials itself
+            hidden, residual = self._block(self.layers[i], hidden, residual, meta, kv_caches[i],
+                                           sum_w2_later=i < end - 1)
         return hidden, residual
 
     def final_norm(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -122,7 +124,7 @@ class LlamaModel:
         hidden, _ = rmsnorm(hidden, self.norm, self.config.rms_norm_eps, residual)
         return hidden
 
-    def _block(self, w, hidden, residual, meta, kv_cache):
+    def _block(self, w, hidden, residual, meta, kv_cache, sum_w2_later=False):
         c = self.config
         x, residual = rmsnorm(hidden, w["attention_norm"], c.rms_norm_eps, residual)
         qkv = linear(x, w["attention.wqkv"])
@@ -136,9 +138,10 @@ class LlamaModel:
         attn = paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
                                meta.query_start_loc, meta.max_query_len, self.scale,
                                meta.max_seq_len, new=new)
-        hidden = linear(attn.reshape(tokens, c.q_size), w["attention.wo"])
+        hidden = linear(attn.reshape(tokens, c.q_size), w["attention.wo"], sum_later=True)
         x, residual = rmsnorm(hidden, w["ffn_norm"], c.rms_norm_eps, residual)
-        hidden = linear(gate_up_silu(x, w["feed_forward.w13"]), w["feed_forward.w2"])
+        hidden = linear(gate_up_silu(x, w["feed_forward.w13"]), w["feed_forward.w2"],
+                        sum_later=sum_w2_later)
         return hidden, residual
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

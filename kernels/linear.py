@@ -10,6 +10,8 @@ Two paths, because the two phases hit different limits:
 - prefill: compute-bound; tensor-core tiles with grouped ordering for L2 reuse.
 All are autotuned, keyed on (row-count bucket, N, K[, SPLIT_K]) so a new prompt length does not
 retune."""
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -129,7 +131,7 @@ def _decode_linear_kernel(x_ptr, w_ptr, out_ptr, M, N, K, M_BUCKET, sxm, swn, so
 @triton.jit
 def _decode_splitk_kernel(x_ptr, w_ptr, part_ptr, out_ptr, counter_ptr, M, N, K, M_BUCKET,
                           SPLIT_K, K_PER_SPLIT, sxm, swn, som, DOT_PREC: tl.constexpr,
-                          PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          PDL: tl.constexpr, SUM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           EVEN_K: tl.constexpr):
     pdl_wait(PDL)
     pid_k = tl.program_id(1)
@@ -155,16 +157,35 @@ def _decode_splitk_kernel(x_ptr, w_ptr, part_ptr, out_ptr, counter_ptr, M, N, K,
     mask = (rm[:, None] < M) & (rn[None, :] < N)
     parts = part_ptr + rm[:, None] * N + rn[None, :]  # split s's partial is s * M * N further
     tl.store(parts + pid_k * M * N, acc, mask=mask)
-    if is_last_arrival(counter_ptr + tl.program_id(0), SPLIT_K):
-        total = tl.zeros((16, BLOCK_N), dtype=tl.float32)
-        for s in range(0, SPLIT_K):  # split order: the same sum whichever program is last
-            # .cg reads L2: other SMs wrote these, and this SM's L1 may hold an older call's
-            total += tl.load(parts + s * M * N, mask=mask, other=0.0, cache_modifier=".cg")
-        tl.store(out_ptr + rm[:, None] * som + rn[None, :], total.to(out_ptr.dtype.element_ty),
-                 mask=mask)
+    if SUM:  # else the kernel that reads the output sums the partials (SplitPartials)
+        if is_last_arrival(counter_ptr + tl.program_id(0), SPLIT_K):
+            total = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+            for s in range(0, SPLIT_K):  # split order: the same sum whichever program is last
+                # .cg reads L2: other SMs wrote these, and this SM's L1 may hold an older call's
+                total += tl.load(parts + s * M * N, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.store(out_ptr + rm[:, None] * som + rn[None, :],
+                     total.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _launch_decode(x, weight, out, split, k_per_split):
+class SplitPartials(NamedTuple):
+    """A split-K decode GEMV's output left unsummed: its fp32 partial products [SPLIT_K, M, N],
+    which the kernel that reads them (kernels.rmsnorm) sums in split order and casts to dtype,
+    exactly as the GEMV's last program would have. That program's tail (an atomic, the reads
+    of every partial, the store) then leaves the GEMV, whose next kernel waits for it."""
+    parts: torch.Tensor
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.parts.shape[1:]
+
+    @property
+    def device(self) -> torch.device:
+        return self.parts.device
+
+
+def _launch_decode(x, weight, out, split, k_per_split, sum_later=False):
+    """out = x @ weight.T; with sum_later and split > 1, returns the SplitPartials instead."""
     M, K = x.shape
     N = weight.shape[0]
     prec = dot_precision(x.dtype)
@@ -174,13 +195,14 @@ def _launch_decode(x, weight, out, split, k_per_split):
         _decode_linear_kernel[grid](x, weight, out, M, N, K, m_bucket, x.stride(0),
                                     weight.stride(0), out.stride(0), DOT_PREC=prec,
                                     **pdl_args(x.device))
-        return
+        return out
     part = torch.empty((split, M, N), device=x.device, dtype=torch.float32)
     counters = arrival_counters(x.device, triton.cdiv(N, SPLIT_MIN_BLOCK_N))
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), split)
     _decode_splitk_kernel[grid](x, weight, part, out, counters, M, N, K, m_bucket, split,
                                 k_per_split, x.stride(0), weight.stride(0), out.stride(0),
-                                DOT_PREC=prec, **pdl_args(x.device))
+                                DOT_PREC=prec, SUM=not sum_later, **pdl_args(x.device))
+    return SplitPartials(part, out.dtype) if sum_later else out
 
 
 def _fp32_prefill_prune(configs, named_args, **kwargs):
@@ -229,7 +251,7 @@ def _prefill_linear_kernel(x_ptr, w_ptr, out_ptr, M, N, K, M_BUCKET, sxm, swn, s
              acc.to(out_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
-def linear_triton(x, weight, out_dtype=None):
+def linear_triton(x, weight, out_dtype=None, sum_later=False):
     if x.stride(-1) != 1:
         x = x.contiguous()
     if weight.stride(-1) != 1:
@@ -241,21 +263,22 @@ def linear_triton(x, weight, out_dtype=None):
     if M == 0:
         return out
     if M <= DECODE_MAX_ROWS:
-        split = decode_split_k(N, K, sm_count(x.device)) if switched_on("LLAMA_TRITON_SPLITK", DECODE_SPLIT_K) \
-            else (1, K)
-        _launch_decode(x, weight, out, *split)
-    else:
-        args = (x, weight, out, M, N, K, triton.next_power_of_2(M), x.stride(0),
-                weight.stride(0), out.stride(0))
-        prec = dot_precision(x.dtype)
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-        _prefill_linear_kernel[grid](*args, DOT_PREC=prec)
+        split_on = switched_on("LLAMA_TRITON_SPLITK", DECODE_SPLIT_K)
+        split = decode_split_k(N, K, sm_count(x.device)) if split_on else (1, K)
+        return _launch_decode(x, weight, out, *split, sum_later=sum_later)
+    args = (x, weight, out, M, N, K, triton.next_power_of_2(M), x.stride(0), weight.stride(0),
+            out.stride(0))
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    _prefill_linear_kernel[grid](*args, DOT_PREC=dot_precision(x.dtype))
     return out
 
 
-def linear(x, weight, out_dtype=None):
-    """x [T, K], weight [N, K] -> [T, N] in out_dtype (by default x.dtype)."""
+def linear(x, weight, out_dtype=None, sum_later=False):
+    """x [T, K], weight [N, K] -> [T, N] in out_dtype (by default x.dtype). sum_later: the
+    caller hands the result to kernels.rmsnorm, so a split-K decode GEMV may return its
+    SplitPartials (where LLAMA_TRITON_SUM_LATER=1; off by default until measured on a GPU)."""
     if use_triton(x):
-        return linear_triton(x, weight, out_dtype)
+        sum_later = sum_later and switched_on("LLAMA_TRITON_SUM_LATER", False)
+        return linear_triton(x, weight, out_dtype, sum_later)
     out = linear_ref(x, weight)
     return out if out_dtype is None else out.to(out_dtype)

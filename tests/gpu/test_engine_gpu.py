@@ -60,15 +60,17 @@ def _step_logits(engine, prompt, steps):
     return torch.stack(rows)
 
 
-def test_programmatic_dependent_launch_changes_no_bit(hf_and_dir, monkeypatch):
-    # the same kernels with and without PDL (kernels/pdl.py): identical tokens and logits, in
-    # bf16, where an input read before the kernel that writes it had finished would show. The
-    # autotuners are keyed without the switch, so both runs use the same tiles.
+@pytest.mark.parametrize("switch", ["LLAMA_TRITON_PDL", "LLAMA_TRITON_SUM_LATER"])
+def test_switches_that_change_no_bit(hf_and_dir, monkeypatch, switch):
+    # the same arithmetic with and without PDL (kernels/pdl.py), or with split-K partials
+    # summed by the RMSNorm that reads them (kernels.linear.SplitPartials): identical tokens and
+    # logits, in bf16, where an input read before the kernel that writes it had finished would
+    # show. The autotuners are keyed without the switch, so both runs use the same tiles.
     _, model_dir = hf_and_dir
     prompt = _ids(30, seed=3)
     runs = {}
     for mode in ("0", "1"):
-        monkeypatch.setenv("LLAMA_TRITON_PDL", mode)
+        monkeypatch.setenv(switch, mode)
         gen = LlamaGenerator(model_dir, device="cuda", dtype="bfloat16")
         assert gen.engine.graphs is not None
         runs[mode] = (gen.generate_ids(prompt, 40), _step_logits(gen.engine, prompt, 12),

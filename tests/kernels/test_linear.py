@@ -132,7 +132,7 @@ def test_split_k_sum_ignores_which_program_ends_last(monkeypatch, shuffle_progra
 
 def test_split_k_switch(monkeypatch):
     calls = []
-    monkeypatch.setattr(linear_mod, "_launch_decode", lambda x, w, out, split, per:
+    monkeypatch.setattr(linear_mod, "_launch_decode", lambda x, w, out, split, per, sum_later:
                         calls.append(split))
     x, w = torch.randn(1, 96), torch.randn(24, 96)  # small N: the heuristic splits it
     for value, split in (("0", 1), ("1", decode_split_k(24, 96, 4)[0])):
@@ -142,3 +142,27 @@ def test_split_k_switch(monkeypatch):
     monkeypatch.setenv("LLAMA_TRITON_SPLITK", "yes")
     with pytest.raises(ValueError, match="LLAMA_TRITON_SPLITK='yes' is not one of '0', '1'"):
         linear_triton(x, w)
+
+
+@pytest.mark.parametrize("switch,split,want_partials", [("1", 3, True), ("0", 3, False),
+                                                        ("1", 1, False)])
+def test_sum_later_returns_partials_only_when_switched_on_and_split(monkeypatch, switch, split,
+                                                                    want_partials):
+    """linear(..., sum_later=True) leaves a split-K GEMV's partials unsummed where
+    LLAMA_TRITON_SUM_LATER=1; their sum in split order is the summed GEMV's output, bit for bit."""
+    _force_split(monkeypatch, split)
+    monkeypatch.setattr(linear_mod, "use_triton", lambda t: True)  # Triton, interpreted
+    monkeypatch.setenv("LLAMA_TRITON_SUM_LATER", switch)
+    x, w = torch.randn(3, 384, dtype=torch.float16), torch.randn(40, 384, dtype=torch.float16)
+    got = linear(x, w, sum_later=True)
+    want = linear(x, w)
+    assert isinstance(got, linear_mod.SplitPartials) is want_partials
+    if want_partials:
+        assert got.parts.shape == (3, 3, 40) and got.dtype == torch.float16
+        assert got.shape == (3, 40) and got.device == x.device
+        total = torch.zeros(3, 40)
+        for part in got.parts:
+            total += part
+        assert torch.equal(total.to(torch.float16), want)
+    else:
+        assert torch.equal(got, want)

@@ -129,15 +129,19 @@ for name, kern, fn, sig, extra in (
         ("gate_up_silu", gate_up_silu._decode_gate_up_silu_kernel,
          gate_up_silu._decode_gate_up_silu_kernel.fn, gemv, {}),
         ("splitk", linear._decode_splitk_kernel, linear._decode_splitk_kernel.fn.fn, splitk,
-         {"EVEN_K": True})):
+         {"EVEN_K": True, "SUM": True}),
+        ("splitk, summed later", linear._decode_splitk_kernel, linear._decode_splitk_kernel.fn.fn,
+         splitk, {"EVEN_K": True, "SUM": False})):
     for cfg in (kern.configs[0], kern.configs[-1]):
         const = dict(DOT_PREC="tf32", PDL=True, **extra, **cfg.kwargs)
         out[f"{name} {cfg.kwargs}"] = events(fn, sig, const, num_warps=cfg.num_warps,
                                              num_stages=cfg.num_stages)
-out["rmsnorm"] = events(rmsnorm._rmsnorm_kernel.fn,
-                        dict(x_ptr=B, r_ptr=B, w_ptr=B, out_ptr=B, s_ptr=B, H="i32", sx="i32",
-                             sr="i32", so="i32", ss="i32", eps="fp32"),
-                        dict(HAS_RES=True, PDL=True, BLOCK=2048), num_warps=8)
+for parts, x_type in ((0, B), (4, "*fp32")):
+    out[f"rmsnorm, {parts} partials"] = events(
+        rmsnorm._rmsnorm_kernel.fn,
+        dict(x_ptr=x_type, r_ptr=B, w_ptr=B, out_ptr=B, s_ptr=B, H="i32", sx="i32", sr="i32",
+             so="i32", ss="i32", s_part="i32", eps="fp32"),
+        dict(HAS_RES=True, N_PARTS=parts, PDL=True, BLOCK=2048), num_warps=8)
 # decode attention: its merge reads partials after the release, so it is checked apart
 attn = attention_decode._decode_split_kernel
 FP32 = ("po_ptr", "plse_ptr", "cos_ptr", "sin_ptr")
@@ -191,7 +195,7 @@ def test_pdl_kernels_compile_for_sm90_in_the_right_order(tmp_path):
             assert any(e.startswith("load") and "q_ptr" in e for e in ev[wait:]), name
         else:
             assert not early, early  # the kernel before may have written the cache
-    assert len(kernels) == 10
+    assert len(kernels) == 13
     for name, ev in kernels.items():
         assert ev.count("wait") == 1 and ev.count("release") == 1, name
         wait, release = ev.index("wait"), ev.index("release")
