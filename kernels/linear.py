@@ -6,7 +6,8 @@ Two paths, because the two phases hit different limits:
   variant serves small N (wqkv, wo, w2; LLAMA_TRITON_SPLITK=0 turns it off, see NOTES.md):
   grid (cdiv(N, BLOCK_N), SPLIT_K), each program writes its fp32 partial to [SPLIT_K, M, N],
   and the last of a column block's programs to finish (kernels/arrival.py) sums the partials
-  in split order and casts: deterministic, one launch, graph-safe.
+  in split order and casts: deterministic, one launch, graph-safe. Or, for an output that only
+  kernels.rmsnorm reads, the partials are left for it to sum (SplitPartials).
 - prefill: compute-bound; tensor-core tiles with grouped ordering for L2 reuse.
 All are autotuned, keyed on (row-count bucket, N, K[, SPLIT_K]) so a new prompt length does not
 retune."""
@@ -131,8 +132,8 @@ def _decode_linear_kernel(x_ptr, w_ptr, out_ptr, M, N, K, M_BUCKET, sxm, swn, so
 @triton.jit
 def _decode_splitk_kernel(x_ptr, w_ptr, part_ptr, out_ptr, counter_ptr, M, N, K, M_BUCKET,
                           SPLIT_K, K_PER_SPLIT, sxm, swn, som, DOT_PREC: tl.constexpr,
-                          PDL: tl.constexpr, SUM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          EVEN_K: tl.constexpr):
+                          PDL: tl.constexpr, SUM: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
     pdl_wait(PDL)
     pid_k = tl.program_id(1)
     rm = tl.arange(0, 16)  # rows padded to tl.dot's minimum
@@ -276,7 +277,8 @@ def linear_triton(x, weight, out_dtype=None, sum_later=False):
 def linear(x, weight, out_dtype=None, sum_later=False):
     """x [T, K], weight [N, K] -> [T, N] in out_dtype (by default x.dtype). sum_later: the
     caller hands the result to kernels.rmsnorm, so a split-K decode GEMV may return its
-    SplitPartials (where LLAMA_TRITON_SUM_LATER=1; off by default until measured on a GPU)."""
+    SplitPartials (where LLAMA_TRITON_SUM_LATER=1; off by default until the GPU tests have run
+    with it, NOTES.md)."""
     if use_triton(x):
         sum_later = sum_later and switched_on("LLAMA_TRITON_SUM_LATER", False)
         return linear_triton(x, weight, out_dtype, sum_later)

@@ -300,8 +300,9 @@ def test_paged_decode_rotates_and_writes_new_tokens(batch, splits, n_heads, n_kv
 
 @pytest.mark.parametrize("with_new", [False, True])
 def test_paged_decode_long_sequences_take_several_chunks(with_new):
-    """Against the model's maximum length (131072): chunks of CHUNK, 33 programs per kv head
-    for a 20000-long sequence, so each takes several chunks; a short one beside it."""
+    """Against the model's maximum length (131072): chunks of CHUNK, and far fewer programs per
+    kv head (2 x SMs over 3 x 8 heads) than a 20000-long sequence has chunks, so each program
+    takes several; shorter sequences beside it."""
     lens = [20000, 3000, 1]
     q, kc, vc, bt, sl, qsl = _paged_batch(lens, [1] * 3, 32, 8, 128, torch.bfloat16)
     new = _new_tokens(q, bt, sl, qsl, 8) if with_new else None
