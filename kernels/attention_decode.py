@@ -231,8 +231,9 @@ def decode_splits(device, batch, n_kv, max_len):
 
 class NewTokens(NamedTuple):
     """This step's k and v rows (one token per sequence) with their positions, cache slots and
-    the rotary tables: given to the decode kernel, it rotates q and k itself and writes k and v
-    into the cache before attending, so no separate rotary launch runs before it."""
+    the rotary tables: given to the decode kernel, it rotates q and k itself, writes k and v
+    into the cache for later steps and attends to them from registers, so no separate rotary
+    launch runs before it."""
     k: torch.Tensor          # [T, n_kv, hd], not yet rotated
     v: torch.Tensor          # [T, n_kv, hd]
     positions: torch.Tensor  # [T]

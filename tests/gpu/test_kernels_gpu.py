@@ -263,13 +263,13 @@ def test_paged_decode_merge_cuda_graph():
     assert _decode_counters_at_zero()
 
 
-def _new_tokens(q, bt, sl, qsl, n_kv, block_size=16):
+def _new_tokens(q, bt, sl, qsl, n_kv, block_size=16, max_positions=4096):
     """This step's k and v for each query row, at its sequence's last position and slot."""
     rows = [b for b in range(len(sl)) if qsl[b + 1] > qsl[b]]
     pos = (sl[rows] - 1).to(torch.int32)
     slots = (bt[rows, (pos // block_size).long()] * block_size + pos % block_size).to(torch.int32)
     kv = torch.randn(q.shape[0], 2, n_kv, q.shape[2], device=DEV, dtype=q.dtype)
-    cos, sin = rope_tables(q.shape[2], 4096, 500000.0, device=DEV)
+    cos, sin = rope_tables(q.shape[2], max_positions, 500000.0, device=DEV)
     return NewTokens(kv[:, 0], kv[:, 1], pos, slots, cos, sin)
 
 
@@ -305,11 +305,9 @@ def test_paged_decode_long_sequences_take_several_chunks(with_new):
     takes several; shorter sequences beside it."""
     lens = [20000, 3000, 1]
     q, kc, vc, bt, sl, qsl = _paged_batch(lens, [1] * 3, 32, 8, 128, torch.bfloat16)
-    new = _new_tokens(q, bt, sl, qsl, 8) if with_new else None
+    new = _new_tokens(q, bt, sl, qsl, 8, max_positions=32768) if with_new else None
     q_ref, kc_ref, vc_ref = q.clone(), kc.clone(), vc.clone()
     if with_new:
-        cos, sin = rope_tables(128, 32768, 500000.0, device=DEV)  # positions past 4096
-        new = new._replace(cos=cos, sin=sin)
         rotary_cache_write_ref(q_ref, new.k, new.v, new.positions, new.cos, new.sin, kc_ref,
                                vc_ref, new.slots)
     ref = paged_attention_ref(*up(q_ref, kc_ref, vc_ref), bt, sl, qsl, 1, 128 ** -0.5)
