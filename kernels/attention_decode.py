@@ -55,13 +55,19 @@ def _attend_range(q, m_i, l_i, acc, lo, hi, table, s_tcol, kc_ptr, vc_ptr, kvh, 
 
 
 @triton.jit
+def _rescaled(m_i, score):
+    """One more log2-score per row of a running softmax: the new max, the factor that rescales
+    what was summed so far, and the new term's weight."""
+    m_new = tl.maximum(m_i, score)
+    return m_new, tl.exp2(m_i - m_new), tl.exp2(score - m_new)
+
+
+@triton.jit
 def _fold_new_token(q, m_i, l_i, acc, k, v, scale_log2):
     """Fold one position whose k and v rows [BLOCK_D], in the cache's type, are in registers,
     as fold_kv_block folds a block: fp32 scores, p rounded to v's type for the output."""
     s = tl.sum(q.to(tl.float32) * k.to(tl.float32)[None, :], axis=1) * scale_log2
-    m_new = tl.maximum(m_i, s)
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new)
+    m_new, alpha, p = _rescaled(m_i, s)
     l_i = l_i * alpha + p
     acc = acc * alpha[:, None] + p.to(v.dtype).to(tl.float32)[:, None] * v.to(tl.float32)[None, :]
     return m_new, l_i, acc
@@ -81,9 +87,7 @@ def _merge_partials(po_ptr, plse_ptr, parts, n_valid, hmask, d, dmask, n_heads, 
         lse = tl.load(plse_ptr + part, mask=hmask, other=0.0, cache_modifier=".cg")
         o = tl.load(po_ptr + part[:, None] * HD + d[None, :], mask=hmask[:, None] & dmask[None, :],
                     other=0.0, cache_modifier=".cg")
-        m_new = tl.maximum(m, lse)
-        alpha = tl.exp2(m - m_new)
-        w = tl.exp2(lse - m_new)
+        m_new, alpha, w = _rescaled(m, lse)
         acc = acc * alpha[:, None] + w[:, None] * o
         l = l * alpha + w
         m = m_new
