@@ -16,6 +16,8 @@ owns one contiguous strip of each weight's output rows, so every SM streams an e
 The interpreter runs programs one at a time and cannot pass a barrier: there each phase is its
 own launch of the same kernel. block_tail_ops is the same arithmetic from the separate kernels
 (the path off the GPU, above 16 rows, and with LLAMA_TRITON_BLOCK_TAIL=0)."""
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -67,9 +69,9 @@ def _row_rstd(h_ptr, sh, M, H, eps, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _strip(x_ptr, sx, M, K, rstd, nw_ptr, w_ptr, sw, up_rows, n_lo, n_hi,
+def _strip(x_ptr, sx, M, K, rstd, nw_ptr, w_ptr, sw, up_rows, n_lo, n_hi, eps,
            NORM: tl.constexpr, UP: tl.constexpr, DOT_PREC: tl.constexpr,
-           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, LATE_RSTD: tl.constexpr = False):
     """x @ w[n_lo:n_hi].T for x's rows 0..M-1 over all of K, as fp32 [16, BLOCK_N]; with UP
     also x @ w[up_rows + n_lo : up_rows + n_hi].T. With NORM, x is first normalised as
     kernels.rmsnorm does: (x * rstd) rounded to x's type, times the weight nw, rounded."""
@@ -81,19 +83,30 @@ def _strip(x_ptr, sx, M, K, rstd, nw_ptr, w_ptr, sw, up_rows, n_lo, n_hi,
     up = rows + up_rows * sw  # I * K: within int32 for any Llama shape
     acc = tl.zeros((16, BLOCK_N), tl.float32)
     acc_up = tl.zeros((16, BLOCK_N), tl.float32)
+    squares = tl.zeros((16,), tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
         x = tl.load(x_ptr + rm[:, None] * sx + kk[None, :],
                     mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
         if NORM:
             nw = tl.load(nw_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
-            x = ((x.to(tl.float32) * rstd[:, None]).to(act).to(tl.float32) * nw[None, :]).to(act)
+            if LATE_RSTD:
+                xf = x.to(tl.float32)
+                squares += tl.sum(xf * xf, axis=1)
+                x = (xf * nw[None, :]).to(act)
+            else:
+                x = ((x.to(tl.float32) * rstd[:, None]).to(act).to(tl.float32)
+                     * nw[None, :]).to(act)
         w_mask = (rn[None, :] < n_hi) & (kk[:, None] < K)
         acc += tl.dot(x, tl.load(rows + kk[:, None], mask=w_mask, other=0.0),
                       input_precision=DOT_PREC)
         if UP:
             acc_up += tl.dot(x, tl.load(up + kk[:, None], mask=w_mask, other=0.0),
                              input_precision=DOT_PREC)
+    if NORM and LATE_RSTD:
+        late = tl.rsqrt(squares / K + eps)
+        acc = acc * late[:, None]
+        acc_up = acc_up * late[:, None]
     return acc, acc_up
 
 
@@ -121,6 +134,25 @@ def _store_sum(out_ptr, s_out, acc, add_ptr, s_add, M, n_lo, n_hi, BLOCK_N: tl.c
 
 
 @triton.jit
+def _prefetch_l2(ptrs):
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
+                              dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _prefetch_strip(w_ptr, sw, n_lo, n_hi, up_rows, UP: tl.constexpr, BLOCK_N: tl.constexpr,
+                    LINES: tl.constexpr):
+    """Ask L2 for the first LINES 128-byte lines of each of this program's next strip rows."""
+    if LINES > 0:
+        rn = tl.minimum(n_lo + tl.arange(0, BLOCK_N), n_hi - 1)
+        line = tl.arange(0, LINES) * (128 // w_ptr.dtype.element_ty.primitive_bitwidth * 8)
+        ptrs = w_ptr + rn[:, None].to(tl.int64) * sw + line[None, :]
+        _prefetch_l2(ptrs)
+        if UP:
+            _prefetch_l2(ptrs + up_rows * sw)
+
+
+@triton.jit
 def _strip_bounds(N):
     """This program's output rows of an N-row weight: an equal share, to within one row."""
     p = tl.program_id(0)
@@ -136,33 +168,39 @@ def _block_tail_kernel(attn_ptr, res_ptr, wo_ptr, h1_ptr, fnw_ptr, w13_ptr, y_pt
                        BARRIER: tl.constexpr, NEXT: tl.constexpr,
                        BN_O: tl.constexpr, BK_O: tl.constexpr, BN_GU: tl.constexpr,
                        BK_GU: tl.constexpr, BN_D: tl.constexpr, BK_D: tl.constexpr,
-                       BN_QKV: tl.constexpr, BK_QKV: tl.constexpr, BK_NORM: tl.constexpr):
+                       BN_QKV: tl.constexpr, BK_QKV: tl.constexpr, BK_NORM: tl.constexpr,
+                       LATE_RSTD: tl.constexpr = False, PREFETCH: tl.constexpr = 0):
     # h1, y, d (h2 with NEXT) and qkv are contiguous: row strides H, I, H, NQKV
     no_rstd = tl.zeros((16,), tl.float32)
     pdl_wait(PDL)
     if FIRST <= 0 and 0 <= LAST:
         lo, hi = _strip_bounds(H)
-        acc, _ = _strip(attn_ptr, s_attn, M, KQ, no_rstd, fnw_ptr, wo_ptr, s_wo, 0, lo, hi,
+        acc, _ = _strip(attn_ptr, s_attn, M, KQ, no_rstd, fnw_ptr, wo_ptr, s_wo, 0, lo, hi, eps,
                         NORM=False, UP=False, DOT_PREC=DOT_PREC, BLOCK_N=BN_O, BLOCK_K=BK_O)
         if LAST == 0:
             pdl_release(PDL)
         _store_sum(h1_ptr, H, acc, res_ptr, s_res, M, lo, hi, BN_O)
     if BARRIER and FIRST <= 0 and 1 <= LAST:
+        lo, hi = _strip_bounds(I)
+        _prefetch_strip(w13_ptr, s_w13, lo, hi, I, True, BN_GU, PREFETCH)
         grid_barrier(state_ptr, tl.num_programs(0))
     if FIRST <= 1 and 1 <= LAST:
         lo, hi = _strip_bounds(I)
-        rstd = _row_rstd(h1_ptr, H, M, H, eps, BK_NORM)
-        gate, up = _strip(h1_ptr, H, M, H, rstd, fnw_ptr, w13_ptr, s_w13, I, lo, hi,
-                          NORM=True, UP=True, DOT_PREC=DOT_PREC, BLOCK_N=BN_GU, BLOCK_K=BK_GU)
+        rstd = no_rstd if LATE_RSTD else _row_rstd(h1_ptr, H, M, H, eps, BK_NORM)
+        gate, up = _strip(h1_ptr, H, M, H, rstd, fnw_ptr, w13_ptr, s_w13, I, lo, hi, eps,
+                          NORM=True, UP=True, DOT_PREC=DOT_PREC, BLOCK_N=BN_GU, BLOCK_K=BK_GU,
+                          LATE_RSTD=LATE_RSTD)
         if LAST == 1:
             pdl_release(PDL)
         # from the fp32 accumulators, as kernels.gate_up_silu: no rounding of gate and up
         _store(y_ptr, I, gate / (1.0 + tl.exp(-gate)) * up, M, lo, hi, BN_GU)
     if BARRIER and FIRST <= 1 and 2 <= LAST:
+        lo, hi = _strip_bounds(H)
+        _prefetch_strip(w2_ptr, s_w2, lo, hi, 0, False, BN_D, PREFETCH)
         grid_barrier(state_ptr, tl.num_programs(0))
     if FIRST <= 2 and 2 <= LAST:
         lo, hi = _strip_bounds(H)
-        acc, _ = _strip(y_ptr, I, M, I, no_rstd, fnw_ptr, w2_ptr, s_w2, 0, lo, hi,
+        acc, _ = _strip(y_ptr, I, M, I, no_rstd, fnw_ptr, w2_ptr, s_w2, 0, lo, hi, eps,
                         NORM=False, UP=False, DOT_PREC=DOT_PREC, BLOCK_N=BN_D, BLOCK_K=BK_D)
         if LAST == 2:
             pdl_release(PDL)
@@ -171,12 +209,15 @@ def _block_tail_kernel(attn_ptr, res_ptr, wo_ptr, h1_ptr, fnw_ptr, w13_ptr, y_pt
         else:
             _store(d_ptr, H, acc, M, lo, hi, BN_D)
     if BARRIER and FIRST <= 2 and 3 <= LAST:
+        lo, hi = _strip_bounds(NQKV)
+        _prefetch_strip(wqkv_ptr, s_wqkv, lo, hi, 0, False, BN_QKV, PREFETCH)
         grid_barrier(state_ptr, tl.num_programs(0))
     if FIRST <= 3 and 3 <= LAST:
         lo, hi = _strip_bounds(NQKV)
-        rstd = _row_rstd(d_ptr, H, M, H, eps, BK_NORM)
-        acc, _ = _strip(d_ptr, H, M, H, rstd, anw_ptr, wqkv_ptr, s_wqkv, 0, lo, hi,
-                        NORM=True, UP=False, DOT_PREC=DOT_PREC, BLOCK_N=BN_QKV, BLOCK_K=BK_QKV)
+        rstd = no_rstd if LATE_RSTD else _row_rstd(d_ptr, H, M, H, eps, BK_NORM)
+        acc, _ = _strip(d_ptr, H, M, H, rstd, anw_ptr, wqkv_ptr, s_wqkv, 0, lo, hi, eps,
+                        NORM=True, UP=False, DOT_PREC=DOT_PREC, BLOCK_N=BN_QKV, BLOCK_K=BK_QKV,
+                        LATE_RSTD=LATE_RSTD)
         pdl_release(PDL)
         _store(qkv_ptr, NQKV, acc, M, lo, hi, BN_QKV)
 
@@ -187,7 +228,8 @@ def _tiles(n_rows, programs, elt):
     block_n = max(16, triton.next_power_of_2(triton.cdiv(n_rows, programs)))
     if interpreting():
         return block_n, 32
-    block_k = triton.next_power_of_2(TILE_BYTES // (block_n * elt) + 1) // 2  # rounded down
+    tile = int(os.environ.get("LLAMA_TRITON_TAIL_TILE", TILE_BYTES))
+    block_k = triton.next_power_of_2(tile // (block_n * elt) + 1) // 2  # rounded down
     return block_n, min(512, max(32, block_k))
 
 
@@ -207,7 +249,7 @@ def block_tail_triton(attn, residual, wo, ffn_norm, w13, w2, eps, next_norm=None
     new = lambda n: torch.empty((M, n), device=attn.device, dtype=residual.dtype)
     h1, y, d = new(H), new(I), new(H)
     qkv = new(NQKV) if nxt else d
-    programs = sm_count(attn.device)
+    programs = sm_count(attn.device) * int(os.environ.get("LLAMA_TRITON_TAIL_PER_SM", 1))
     elt = wo.element_size()
     bn_o, bk_o = _tiles(H, programs, elt)
     bn_gu, bk_gu = _tiles(I, programs, elt)
@@ -218,11 +260,22 @@ def block_tail_triton(attn, residual, wo, ffn_norm, w13, w2, eps, next_norm=None
             residual.stride(0), wo.stride(0), w13.stride(0), w2.stride(0), wqkv.stride(0), eps)
     meta = dict(DOT_PREC=dot_precision(attn.dtype), NEXT=nxt, BN_O=bn_o, BK_O=bk_o, BN_GU=bn_gu,
                 BK_GU=bk_gu, BN_D=bn_d, BK_D=bk_d, BN_QKV=bn_qkv, BK_QKV=bk_qkv,
-                BK_NORM=32 if interpreting() else 512)
+                BK_NORM=32 if interpreting() else 512,
+                LATE_RSTD=os.environ.get("LLAMA_TRITON_TAIL_LATE", "0") == "1",
+                PREFETCH=0 if interpreting() else int(os.environ.get("LLAMA_TRITON_TAIL_PREFETCH", 0)))
     last = 3 if nxt else 2
-    if attn.is_cuda and not interpreting():
-        _block_tail_kernel[(programs,)](*args, FIRST=0, LAST=last, BARRIER=True, num_warps=4,
-                                        num_stages=4, **meta, **pdl_args(attn.device))
+    only = os.environ.get("LLAMA_TRITON_TAIL_ONLY")
+    if only is not None:  # timing one phase (or 'phased': each its own launch)
+        phases = range(last + 1) if only == "phased" else [int(only)]
+        for phase in phases:
+            _block_tail_kernel[(programs,)](*args, FIRST=phase, LAST=phase, BARRIER=False,
+                                            PDL=False, **meta,
+                                            num_warps=int(os.environ.get("LLAMA_TRITON_TAIL_WARPS", 4)),
+                                            num_stages=int(os.environ.get("LLAMA_TRITON_TAIL_STAGES", 4)))
+    elif attn.is_cuda and not interpreting():
+        _block_tail_kernel[(programs,)](*args, FIRST=0, LAST=last, BARRIER=True,
+                                        num_warps=int(os.environ.get("LLAMA_TRITON_TAIL_WARPS", 4)),
+                                        num_stages=int(os.environ.get("LLAMA_TRITON_TAIL_STAGES", 4)), **meta, **pdl_args(attn.device))
     else:  # no barrier in the interpreter: each phase is a launch, in stream order
         for phase in range(last + 1):
             _block_tail_kernel[(programs,)](*args, FIRST=phase, LAST=phase, BARRIER=False,

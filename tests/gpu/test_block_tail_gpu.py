@@ -46,11 +46,12 @@ def _poison_allocator():
 @pytest.mark.parametrize("M", [1, 5, 16])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("nxt", [False, True])
-def test_block_tail_matches_the_separate_ops(dtype, M, shape, nxt):
+def test_block_tail_matches_the_separate_ops(monkeypatch, dtype, M, shape, nxt):
     if dtype == torch.float32 and shape[0] == 4096:
         pytest.skip("fp32 at the 8B shape: covered by the 1B and small shapes, 2x the memory")
     ops = _operands(M, *shape, dtype)
     got = _run(block_tail_triton, ops, nxt)
+    monkeypatch.setenv("LLAMA_TRITON_BACKEND", "torch")  # the ops' references, in float64
     want = _run(block_tail_ops, ops, nxt, cast=lambda t: t.double())
     for out, ref in zip(got, want):
         assert out.dtype == dtype and out.shape == ref.shape
@@ -98,7 +99,7 @@ def test_block_tail_chain_in_a_cuda_graph_with_pdl_equals_eager():
 
 def test_switch_off_runs_the_separate_kernels(monkeypatch):
     ops = _operands(2, *SHAPES[2], torch.float32)
-    monkeypatch.setenv("LLAMA_TRITON_BLOCK_TAIL", "0")
+    monkeypatch.setenv("LLAMA_TRITON_BLOCK_TAIL", "0")  # (the ops themselves run Triton)
     off = _run(block_tail, ops, True)
     assert all(torch.equal(a, b) for a, b in zip(off, _run(block_tail_ops, ops, True)))
     monkeypatch.setenv("LLAMA_TRITON_BLOCK_TAIL", "1")
