@@ -12,7 +12,7 @@ import torch
 
 from graph.config import LlamaConfig
 from kernels.attention import NewTokens, paged_attention
-from kernels.block_tail import block_tail
+from kernels.gate_up_silu import gate_up_silu
 from kernels.linear import cpu_layout, linear
 from kernels.rmsnorm import rmsnorm
 from kernels.rotary import rope_tables
@@ -111,21 +111,11 @@ class LlamaModel:
         return self.embed[input_ids]
 
     def run_layers(self, start: int, end: int, hidden, residual, meta: BatchMeta, kv_caches):
-        """Layers start..end-1, all on one device; residual is None before the first layer.
-        Each block's tail (wo, MLP) runs with the next block's norm and QKV (kernels.block_tail),
-        so the first block's head comes before the loop."""
-        c = self.config
-        x, residual = rmsnorm(hidden, self.layers[start]["attention_norm"], c.rms_norm_eps,
-                              residual)
-        qkv = linear(x, self.layers[start]["attention.wqkv"])
+        """Layers start..end-1, all on one device; residual is None before the first layer."""
         for i in range(start, end):
-            w, nxt = self.layers[i], self.layers[i + 1] if i + 1 < end else {}
-            attn = self._attention(qkv, meta, kv_caches[i])
-            out, residual = block_tail(attn, residual, w["attention.wo"], w["ffn_norm"],
-                                       w["feed_forward.w13"], w["feed_forward.w2"],
-                                       c.rms_norm_eps, nxt.get("attention_norm"),
-                                       nxt.get("attention.wqkv"))
-            qkv = hidden = out  # the next block's qkv, or after the last block its output
+            # inside the run, the next block's RMSNorm may sum w2's split-K partials itself
+            hidden, residual = self._block(self.layers[i], hidden, residual, meta, kv_caches[i],
+                                           sum_w2_later=i < end - 1)
         return hidden, residual
 
     def final_norm(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -134,18 +124,25 @@ class LlamaModel:
         hidden, _ = rmsnorm(hidden, self.norm, self.config.rms_norm_eps, residual)
         return hidden
 
-    def _attention(self, qkv, meta, kv_cache):
+    def _block(self, w, hidden, residual, meta, kv_cache, sum_w2_later=False):
         c = self.config
+        x, residual = rmsnorm(hidden, w["attention_norm"], c.rms_norm_eps, residual)
+        qkv = linear(x, w["attention.wqkv"])
         tokens = qkv.shape[0]
         q = qkv[:, :c.q_size].view(tokens, c.num_attention_heads, c.head_dim)
         k = qkv[:, c.q_size:c.q_size + c.kv_size].view(tokens, c.num_key_value_heads, c.head_dim)
         v = qkv[:, c.q_size + c.kv_size:].view(tokens, c.num_key_value_heads, c.head_dim)
-        cos, sin = self.rope[qkv.device]
+        cos, sin = self.rope[x.device]
+        k_cache, v_cache = kv_cache
         new = NewTokens(k, v, meta.positions, meta.slot_mapping, cos, sin)
-        attn = paged_attention(q, *kv_cache, meta.block_tables, meta.seq_lens,
+        attn = paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
                                meta.query_start_loc, meta.max_query_len, self.scale,
                                meta.max_seq_len, new=new)
-        return attn.reshape(tokens, c.q_size)
+        hidden = linear(attn.reshape(tokens, c.q_size), w["attention.wo"], sum_later=True)
+        x, residual = rmsnorm(hidden, w["ffn_norm"], c.rms_norm_eps, residual)
+        hidden = linear(gate_up_silu(x, w["feed_forward.w13"]), w["feed_forward.w2"],
+                        sum_later=sum_w2_later)
+        return hidden, residual
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Head projection of the given rows, as float32 [rows, vocab]."""
