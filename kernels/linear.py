@@ -277,10 +277,10 @@ def linear_triton(x, weight, out_dtype=None, sum_later=False):
 def linear(x, weight, out_dtype=None, sum_later=False):
     """x [T, K], weight [N, K] -> [T, N] in out_dtype (by default x.dtype). sum_later: the
     caller hands the result to kernels.rmsnorm, so a split-K decode GEMV may return its
-    SplitPartials (where LLAMA_TRITON_SUM_LATER=1; off by default until the GPU tests have run
-    with it, NOTES.md)."""
+    SplitPartials (on since the engine's GPU tests passed with it; LLAMA_TRITON_SUM_LATER=0
+    turns it off, for A/B runs; NOTES.md)."""
     if use_triton(x):
-        sum_later = sum_later and switched_on("LLAMA_TRITON_SUM_LATER", False)
+        sum_later = sum_later and switched_on("LLAMA_TRITON_SUM_LATER", True)
         return linear_triton(x, weight, out_dtype, sum_later)
     out = linear_ref(x, weight)
     return out if out_dtype is None else out.to(out_dtype)

@@ -145,14 +145,18 @@ def test_split_k_switch(monkeypatch):
 
 
 @pytest.mark.parametrize("switch,split,want_partials", [("1", 3, True), ("0", 3, False),
-                                                        ("1", 1, False)])
+                                                        ("1", 1, False), (None, 3, True)])
 def test_sum_later_returns_partials_only_when_switched_on_and_split(monkeypatch, switch, split,
                                                                     want_partials):
     """linear(..., sum_later=True) leaves a split-K GEMV's partials unsummed where
-    LLAMA_TRITON_SUM_LATER=1; their sum in split order is the summed GEMV's output, bit for bit."""
+    LLAMA_TRITON_SUM_LATER is 1 or unset; their sum in split order is the summed GEMV's output,
+    bit for bit."""
     _force_split(monkeypatch, split)
     monkeypatch.setattr(linear_mod, "use_triton", lambda t: True)  # Triton, interpreted
-    monkeypatch.setenv("LLAMA_TRITON_SUM_LATER", switch)
+    if switch is None:
+        monkeypatch.delenv("LLAMA_TRITON_SUM_LATER", raising=False)
+    else:
+        monkeypatch.setenv("LLAMA_TRITON_SUM_LATER", switch)
     x, w = torch.randn(3, 384, dtype=torch.float16), torch.randn(40, 384, dtype=torch.float16)
     got = linear(x, w, sum_later=True)
     want = linear(x, w)
