@@ -68,8 +68,12 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from kernels import argmax, attention_decode, gate_up_silu, linear, rmsnorm, rotary
 
-KEYS = {"griddepcontrol.wait": "wait",
-        "griddepcontrol.launch_dependents": "release", "ld.global": "load", "st.global": "store"}
+KEYS = {"griddepcontrol.wait": "wait", "griddepcontrol.launch_dependents": "release",
+        "ld.global": "load", "cp.async.cg.shared.global": "load",
+        "cp.async.ca.shared.global": "load", "st.global": "store"}
+# a launch specialises pointers (16-byte aligned) and ints that are multiples of 16, as the
+# model's N, K and strides are; only then does the pipeliner turn loads into cp.async
+UNALIGNED = {"M", "M_BUCKET", "SPLIT_K"}
 
 def pointer_roots(lines, pointers):
     # for each PTX register, the pointer arguments its value derives from
@@ -80,7 +84,7 @@ def pointer_roots(lines, pointers):
             sources.setdefault(param.group(1), set()).add(int(param.group(2)))
             continue
         regs = re.findall(r"%\w+", line.split("//")[0])
-        if regs and not re.search(r"\b(ld|st|atom|bar|bra|setp)\.", line):
+        if regs and not re.search(r"\b(ld|st|atom|bar|bra|setp|cp)\.", line):
             sources.setdefault(regs[0], set()).update(regs[1:])
     def roots(reg, seen):
         found = set()
@@ -93,23 +97,30 @@ def pointer_roots(lines, pointers):
         return found
     return roots
 
-def events(fn, sig, const, **opts):
+def events(fn, sig, const, aligned=False, **opts):
     # the kernel's waits, releases, loads and stores in order; a load is named with the
     # pointer arguments its address derives from, e.g. "load:w_ptr"
     pointers = {i: n for i, n in enumerate(n for n in sig if n not in const)
                 if sig[n].startswith("*")}
+    attrs = {}
+    if aligned:
+        names = list(fn.arg_names)
+        attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in sig if n not in const
+                 and (sig[n].startswith("*") or sig[n] == "i32" and n not in UNALIGNED)}
     sig = {**sig, **{k: "constexpr" for k in const}}
-    kernel = triton.compile(ASTSource(fn, sig, const), target=GPUTarget("cuda", 90, 32),
-                            options={"launch_pdl": True, **opts})
+    kernel = triton.compile(ASTSource(fn, sig, const, attrs=attrs),
+                            target=GPUTarget("cuda", 90, 32), options={"launch_pdl": True, **opts})
     lines = kernel.asm["ptx"].splitlines()
     roots = pointer_roots(lines, pointers)
     out = []
     for line in lines:
         for key, name in KEYS.items():
             if key in line:
-                address = re.search(r"\[\s*(%\w+)", line)
-                if name == "load" and address:
-                    name += ":" + "+".join(sorted(roots(address.group(1), set())))
+                if name == "load":
+                    # cp.async [shared], [global]: the global address is the last operand
+                    address = re.findall(r"\[\s*(%\w+)", line)[-1]
+                    name = ("load(async):" if key.startswith("cp.") else "load:") + "+".join(
+                        sorted(roots(address, set())))
                 out.append(name)
     return out
 
@@ -134,8 +145,9 @@ for name, kern, fn, sig, extra in (
          splitk, {"EVEN_K": True, "SUM": False})):
     for cfg in (kern.configs[0], kern.configs[-1]):
         const = dict(DOT_PREC="tf32", PDL=True, **extra, **cfg.kwargs)
-        out[f"{name} {cfg.kwargs}"] = events(fn, sig, const, num_warps=cfg.num_warps,
-                                             num_stages=cfg.num_stages)
+        for aligned in (False, True):
+            out[f"{name} {cfg.kwargs}{', aligned' * aligned}"] = events(
+                fn, sig, const, aligned, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 for parts, x_type in ((0, B), (4, "*fp32")):
     out[f"rmsnorm, {parts} partials"] = events(
         rmsnorm._rmsnorm_kernel.fn,
@@ -171,7 +183,9 @@ def test_pdl_kernels_compile_for_sm90_in_the_right_order(tmp_path):
     """Without a GPU the gdc calls are only checked here: each kernel compiles (through ptxas),
     nothing is stored before the wait, and nothing loaded before it but what the decode attention
     may read early (each load traced back to the pointer arguments its address comes from); the
-    release comes after the last main-loop load and before the first store."""
+    release comes after the last main-loop load and before the first store. The GEMVs are checked
+    twice: as odd sizes compile (plain loads) and as model shapes do, with pointers and sizes
+    specialised as a launch would, where their loads become the pipeline's cp.async copies."""
     pytest.importorskip("triton.backends.nvidia")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -195,7 +209,11 @@ def test_pdl_kernels_compile_for_sm90_in_the_right_order(tmp_path):
             assert any(e.startswith("load") and "q_ptr" in e for e in ev[wait:]), name
         else:
             assert not early, early  # the kernel before may have written the cache
-    assert len(kernels) == 13
+    assert len(kernels) == 21
+    # specialised as a launch on model shapes is, the GEMVs stream their weights through cp.async
+    # (the software pipeline); the ld.global form is what odd sizes compile to
+    for name, ev in kernels.items():
+        assert any(e.startswith("load(async):") for e in ev) == name.endswith("aligned"), name
     for name, ev in kernels.items():
         assert ev.count("wait") == 1 and ev.count("release") == 1, name
         wait, release = ev.index("wait"), ev.index("release")
@@ -204,4 +222,4 @@ def test_pdl_kernels_compile_for_sm90_in_the_right_order(tmp_path):
         # split-K's last program reads the partials after the release, as attention's merge does
         main_loads = [i for i in loads if "part_ptr" not in ev[i]]
         assert main_loads[-1] < release < ev.index("store"), (name, ev)
-        assert all(e != "load:" for e in ev), (name, "a load whose address was not traced")
+        assert not any(e.endswith(":") for e in ev), (name, "a load whose address was not traced")
