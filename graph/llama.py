@@ -13,7 +13,7 @@ import torch
 from graph.config import LlamaConfig
 from kernels.attention import NewTokens, paged_attention
 from kernels.gate_up_silu import gate_up_silu
-from kernels.linear import cpu_layout, linear
+from kernels.linear import cpu_layout, handoff_applies, linear, linear_handoff
 from kernels.rmsnorm import rmsnorm
 from kernels.rotary import rope_tables
 
@@ -112,11 +112,31 @@ class LlamaModel:
 
     def run_layers(self, start: int, end: int, hidden, residual, meta: BatchMeta, kv_caches):
         """Layers start..end-1, all on one device; residual is None before the first layer."""
+        if handoff_applies(hidden):
+            return self._run_layers_handing_off(start, end, hidden, residual, meta, kv_caches)
         for i in range(start, end):
             # inside the run, the next block's RMSNorm may sum w2's split-K partials itself
             hidden, residual = self._block(self.layers[i], hidden, residual, meta, kv_caches[i],
                                            sum_w2_later=i < end - 1)
         return hidden, residual
+
+    def _run_layers_handing_off(self, start, end, hidden, residual, meta, kv_caches):
+        """run_layers with every RMSNorm after the first handed from the GEMV that makes h to
+        the one that reads the norm (kernels/norm_handoff.py): no RMSNorm kernels inside."""
+        eps = self.config.rms_norm_eps
+        x, residual = rmsnorm(hidden, self.layers[start]["attention_norm"], eps, residual)
+        qkv = linear(x, self.layers[start]["attention.wqkv"])
+        for i in range(start, end):
+            w = self.layers[i]
+            attn = self._attention(qkv, meta, kv_caches[i])
+            h, hand = linear_handoff(attn, w["attention.wo"], residual, w["ffn_norm"], eps)
+            y = gate_up_silu(hand.scaled, w["feed_forward.w13"], rms=hand)
+            if i + 1 == end:
+                return linear(y, w["feed_forward.w2"]), h
+            nxt = self.layers[i + 1]
+            residual, hand = linear_handoff(y, w["feed_forward.w2"], h, nxt["attention_norm"],
+                                            eps)
+            qkv = linear(hand.scaled, nxt["attention.wqkv"], rms=hand)
 
     def final_norm(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         if hidden.device != self.last_device:
@@ -127,22 +147,27 @@ class LlamaModel:
     def _block(self, w, hidden, residual, meta, kv_cache, sum_w2_later=False):
         c = self.config
         x, residual = rmsnorm(hidden, w["attention_norm"], c.rms_norm_eps, residual)
-        qkv = linear(x, w["attention.wqkv"])
-        tokens = qkv.shape[0]
-        q = qkv[:, :c.q_size].view(tokens, c.num_attention_heads, c.head_dim)
-        k = qkv[:, c.q_size:c.q_size + c.kv_size].view(tokens, c.num_key_value_heads, c.head_dim)
-        v = qkv[:, c.q_size + c.kv_size:].view(tokens, c.num_key_value_heads, c.head_dim)
-        cos, sin = self.rope[x.device]
-        k_cache, v_cache = kv_cache
-        new = NewTokens(k, v, meta.positions, meta.slot_mapping, cos, sin)
-        attn = paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
-                               meta.query_start_loc, meta.max_query_len, self.scale,
-                               meta.max_seq_len, new=new)
-        hidden = linear(attn.reshape(tokens, c.q_size), w["attention.wo"], sum_later=True)
+        attn = self._attention(linear(x, w["attention.wqkv"]), meta, kv_cache)
+        hidden = linear(attn, w["attention.wo"], sum_later=True)
         x, residual = rmsnorm(hidden, w["ffn_norm"], c.rms_norm_eps, residual)
         hidden = linear(gate_up_silu(x, w["feed_forward.w13"]), w["feed_forward.w2"],
                         sum_later=sum_w2_later)
         return hidden, residual
+
+    def _attention(self, qkv, meta, kv_cache):
+        """Attention of this step's tokens over the paged cache (their k and v written into it
+        first); [T, q_size]."""
+        c = self.config
+        tokens = qkv.shape[0]
+        q = qkv[:, :c.q_size].view(tokens, c.num_attention_heads, c.head_dim)
+        k = qkv[:, c.q_size:c.q_size + c.kv_size].view(tokens, c.num_key_value_heads, c.head_dim)
+        v = qkv[:, c.q_size + c.kv_size:].view(tokens, c.num_key_value_heads, c.head_dim)
+        cos, sin = self.rope[qkv.device]
+        new = NewTokens(k, v, meta.positions, meta.slot_mapping, cos, sin)
+        attn = paged_attention(q, *kv_cache, meta.block_tables, meta.seq_lens,
+                               meta.query_start_loc, meta.max_query_len, self.scale,
+                               meta.max_seq_len, new=new)
+        return attn.reshape(tokens, c.q_size)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Head projection of the given rows, as float32 [rows, vocab]."""
