@@ -1,0 +1,51 @@
+"""A/B of one LLAMA_TRITON_* switch in one process on one GPU: for each shape, an engine is
+built (and its graphs captured) per setting, in alternation, and its batch-1 decode measured:
+tokens/s through the engine's loop and through the scheduler, and the graph replay of one step.
+usage: python -m bench.ab_switch LLAMA_TRITON_NORM_HANDOFF --shapes 1b 8b --rounds 2"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+
+import torch
+
+from bench import ours
+from bench.shapes import SHAPES
+
+
+def measure_setting(config, device) -> dict:
+    with torch.inference_mode():
+        engine = ours.build_engine(config, device)
+        ours.decode_tokens_per_s(engine, new_tokens=8)  # autotune, compile, capture
+        result = {"decode": ours.decode_tokens_per_s(engine),
+                  "scheduler": ours.decode_tokens_per_s(engine, through_scheduler=True),
+                  "replay_ms": ours.graph_replay_ms(engine)}
+    del engine
+    gc.collect()  # the engine and its graphs hold each other: free the memory before the next
+    torch.cuda.empty_cache()
+    return result
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("switch", help="an environment switch such as LLAMA_TRITON_PDL")
+    parser.add_argument("--values", nargs="+", default=["0", "1"])
+    parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=["1b", "8b"])
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args(argv)
+    device = torch.device("cuda", torch.cuda.current_device())
+    print(f"{torch.cuda.get_device_name(device)}; {args.switch} in {args.values}")
+    print("| shape | setting | decode tok/s | via scheduler tok/s | replay ms |")
+    print("| --- | --- | --- | --- | --- |")
+    for shape in args.shapes:
+        for _ in range(args.rounds):
+            for value in args.values:
+                os.environ[args.switch] = value
+                r = measure_setting(SHAPES[shape], device)
+                print(f"| {shape} | {args.switch}={value} | {r['decode']:.1f} | "
+                      f"{r['scheduler']:.1f} | {r['replay_ms']:.4f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
