@@ -132,8 +132,8 @@ def test_split_k_sum_ignores_which_program_ends_last(monkeypatch, shuffle_progra
 
 def test_split_k_switch(monkeypatch):
     calls = []
-    monkeypatch.setattr(linear_mod, "_launch_decode", lambda x, w, out, split, per, sum_later:
-                        calls.append(split))
+    monkeypatch.setattr(linear_mod, "_launch_decode",
+                        lambda x, w, out, split, per, **options: calls.append(split))
     x, w = torch.randn(1, 96), torch.randn(24, 96)  # small N: the heuristic splits it
     for value, split in (("0", 1), ("1", decode_split_k(24, 96, 4)[0])):
         monkeypatch.setenv("LLAMA_TRITON_SPLITK", value)
