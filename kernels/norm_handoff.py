@@ -41,7 +41,7 @@ def new_handoff(rows: int, hidden: int, dtype: torch.dtype, device, eps: float) 
 def handoff_ref(h: torch.Tensor, norm_weight: torch.Tensor, eps: float) -> NormHandoff:
     """The handoff of a finished h, in PyTorch (tests and the reference path)."""
     rows, hidden = h.shape
-    hf = h.float()
+    hf = h.to(torch.promote_types(h.dtype, torch.float32))  # float64 stays float64 in tests
     scaled = (hf * norm_weight.float()).to(h.dtype)
     pad = triton.cdiv(hidden, SLOT) * SLOT - hidden
     squares = torch.nn.functional.pad(hf * hf, (0, pad)).view(rows, -1, SLOT).sum(-1)
