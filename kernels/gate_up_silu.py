@@ -10,7 +10,7 @@ import triton.language as tl
 
 from .dispatch import dot_precision, tune, use_triton
 from .linear import DECODE_MAX_ROWS, handoff_args, linear_ref, linear_triton
-from .norm_handoff import NormHandoff, handoff_rstd, rstd_ref
+from .norm_handoff import NormHandoff, handoff_rstd, rms_scaled_ref
 from .pdl import pdl_args, pdl_release, pdl_wait
 from .silu_mul import silu_mul_ref, silu_mul_triton
 
@@ -103,5 +103,4 @@ def gate_up_silu(x, w13, rms: NormHandoff | None = None):
         return gate_up_silu_triton(x, w13, rms)
     if rms is None:
         return gate_up_silu_ref(x, w13)
-    gate_up = linear_ref(x, w13).to(torch.promote_types(x.dtype, torch.float32)) * rstd_ref(rms)
-    return silu_mul_ref(gate_up).to(x.dtype)
+    return silu_mul_ref(rms_scaled_ref(linear_ref(x, w13), rms)).to(x.dtype)

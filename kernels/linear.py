@@ -19,8 +19,8 @@ import triton.language as tl
 
 from .arrival import arrival_counters, is_last_arrival
 from .dispatch import dot_precision, sm_count, switched_on, tune, use_triton
-from .norm_handoff import (SLOT, NormHandoff, handoff_ref, handoff_rstd, new_handoff, rstd_ref,
-                           store_handoff)
+from .norm_handoff import (SLOT, NormHandoff, handoff_ref, handoff_rstd, new_handoff,
+                           rms_scaled_ref, store_handoff)
 from .pdl import pdl_args, pdl_release, pdl_wait
 
 DECODE_MAX_ROWS = 16
@@ -107,6 +107,19 @@ def _round_split(split, K):
     return triton.cdiv(K, per), per  # no empty split: every partial row gets written
 
 
+@triton.jit
+def _store_out(acc, rm, rn, out_ptr, som, M, N, res_ptr, sr, nw_ptr, xs_ptr, sq_ptr,
+               HANDOFF: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A decode GEMV's column block [16, BLOCK_N] of fp32 results, stored in out's type, or with
+    HANDOFF stored as h with the next norm's handoff (kernels/norm_handoff.py)."""
+    if HANDOFF:
+        store_handoff(acc, rm, rn, out_ptr, som, res_ptr, sr, nw_ptr, xs_ptr, sq_ptr, M, N,
+                      BLOCK_N)
+    else:
+        tl.store(out_ptr + rm[:, None] * som + rn[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
 @triton.autotune(configs=_decode_configs(), key=["M_BUCKET", "N", "K"])
 @triton.jit
 def _decode_linear_kernel(x_ptr, w_ptr, out_ptr, M, N, K, M_BUCKET, sxm, swn, som, res_ptr, sr,
@@ -130,12 +143,8 @@ def _decode_linear_kernel(x_ptr, w_ptr, out_ptr, M, N, K, M_BUCKET, sxm, swn, so
     pdl_release(PDL)
     if RMS_IN:
         acc = acc * rstd[:, None]
-    if HANDOFF:
-        store_handoff(acc, rm, rn, out_ptr, som, res_ptr, sr, nw_ptr, xs_ptr, sq_ptr, M, N,
-                      BLOCK_N)
-    else:
-        tl.store(out_ptr + rm[:, None] * som + rn[None, :], acc.to(out_ptr.dtype.element_ty),
-                 mask=(rm[:, None] < M) & (rn[None, :] < N))
+    _store_out(acc, rm, rn, out_ptr, som, M, N, res_ptr, sr, nw_ptr, xs_ptr, sq_ptr, HANDOFF,
+               BLOCK_N)
 
 
 @triton.autotune(configs=_SPLIT_CONFIGS, key=["M_BUCKET", "N", "K", "SPLIT_K"])
@@ -179,12 +188,8 @@ def _decode_splitk_kernel(x_ptr, w_ptr, part_ptr, out_ptr, counter_ptr, M, N, K,
                 total += tl.load(parts + s * M * N, mask=mask, other=0.0, cache_modifier=".cg")
             if RMS_IN:
                 total = total * handoff_rstd(rms_ptr, M, K, eps, SLOTS)[:, None]
-            if HANDOFF:
-                store_handoff(total, rm, rn, out_ptr, som, res_ptr, sr, nw_ptr, xs_ptr, sq_ptr,
-                              M, N, BLOCK_N)
-            else:
-                tl.store(out_ptr + rm[:, None] * som + rn[None, :],
-                         total.to(out_ptr.dtype.element_ty), mask=mask)
+            _store_out(total, rm, rn, out_ptr, som, M, N, res_ptr, sr, nw_ptr, xs_ptr, sq_ptr,
+                       HANDOFF, BLOCK_N)
 
 
 class SplitPartials(NamedTuple):
@@ -320,7 +325,7 @@ def linear(x, weight, out_dtype=None, sum_later=False, rms: NormHandoff | None =
         return linear_triton(x, weight, out_dtype, sum_later, rms)
     out = linear_ref(x, weight)
     if rms is not None:
-        out = (out.to(torch.promote_types(out.dtype, torch.float32)) * rstd_ref(rms)).to(x.dtype)
+        out = rms_scaled_ref(out, rms).to(x.dtype)
     return out if out_dtype is None else out.to(out_dtype)
 
 

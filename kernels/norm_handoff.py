@@ -54,6 +54,11 @@ def rstd_ref(handoff: NormHandoff) -> torch.Tensor:
     return torch.rsqrt(handoff.square_sums.sum(0) / hidden + handoff.eps)[:, None]
 
 
+def rms_scaled_ref(out: torch.Tensor, handoff: NormHandoff) -> torch.Tensor:
+    """A GEMV's output on handoff.scaled, scaled by its rows' 1/rms in at least fp32."""
+    return out.to(torch.promote_types(out.dtype, torch.float32)) * rstd_ref(handoff)
+
+
 @triton.jit
 def store_handoff(total, rm, rn, out_ptr, som, res_ptr, sr, nw_ptr, xs_ptr, sq_ptr, M, N,
                   BLOCK_N: tl.constexpr):
