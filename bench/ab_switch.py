@@ -5,26 +5,12 @@ usage: python -m bench.ab_switch LLAMA_TRITON_NORM_HANDOFF --shapes 1b 8b --roun
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 
 import torch
 
 from bench import ours
 from bench.shapes import SHAPES
-
-
-def measure_setting(config, device) -> dict:
-    with torch.inference_mode():
-        engine = ours.build_engine(config, device)
-        ours.decode_tokens_per_s(engine, new_tokens=8)  # autotune, compile, capture
-        result = {"decode": ours.decode_tokens_per_s(engine),
-                  "scheduler": ours.decode_tokens_per_s(engine, through_scheduler=True),
-                  "replay_ms": ours.graph_replay_ms(engine)}
-    del engine
-    gc.collect()  # the engine and its graphs hold each other: free the memory before the next
-    torch.cuda.empty_cache()
-    return result
 
 
 def main(argv=None):
@@ -42,9 +28,9 @@ def main(argv=None):
         for _ in range(args.rounds):
             for value in args.values:
                 os.environ[args.switch] = value
-                r = measure_setting(SHAPES[shape], device)
+                r = ours.measure(SHAPES[shape], device, decode_only=True)
                 print(f"| {shape} | {args.switch}={value} | {r['decode']:.1f} | "
-                      f"{r['scheduler']:.1f} | {r['replay_ms']:.4f} |", flush=True)
+                      f"{r['decode_scheduler']:.1f} | {r['replay_ms']:.4f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,8 @@ import argparse
 
 import torch
 import triton
-import triton.testing
 
+from bench.gemm_vs_cublas import device_us, linear_shapes
 from bench.shapes import SHAPES
 from kernels.dispatch import sm_count
 from kernels.linear import SPLIT_UNIT, _launch_decode, _round_split, decode_split_k
@@ -21,9 +21,8 @@ STREAM_BYTES = 256 << 20  # several times any L2 so far
 
 
 def small_n_projections(config) -> dict[str, tuple[int, int]]:
-    c = config
-    return {"wqkv": (c.q_size + 2 * c.kv_size, c.hidden_size), "wo": (c.hidden_size, c.q_size),
-            "w2": (c.hidden_size, c.intermediate_size)}
+    return {name: nk for name, nk in linear_shapes(config).items()
+            if name in ("wqkv", "wo", "w2")}
 
 
 def split_choices(K: int) -> list[tuple[int, int]]:
@@ -41,9 +40,7 @@ def _device_us(weights, x, split, per) -> float:
         for w in weights:
             _launch_decode(x, w, torch.empty(1, w.shape[0], device=x.device, dtype=x.dtype),
                            split, per)
-    one_pass()  # autotuning and compilation stay out of the graph
-    return 1e3 * triton.testing.do_bench_cudagraph(one_pass, rep=50,
-                                                   return_mode="median") / len(weights)
+    return device_us(one_pass) / len(weights)
 
 
 def sweep_table(config, device, dtype=torch.bfloat16) -> str:

@@ -12,14 +12,15 @@ from kernels.linear import linear_triton
 ROWS = (1, 256, 512)
 
 
-def _shapes(config):
+def linear_shapes(config) -> dict[str, tuple[int, int]]:
+    """(N, K) of each projection of a shape."""
     c = config
     return {"wqkv": (c.q_size + 2 * c.kv_size, c.hidden_size), "wo": (c.hidden_size, c.q_size),
             "w13": (2 * c.intermediate_size, c.hidden_size),
             "w2": (c.hidden_size, c.intermediate_size), "head": (c.vocab_size, c.hidden_size)}
 
 
-def _device_us(fn) -> float:
+def device_us(fn) -> float:
     fn()   # autotuning and compilation stay out of the graph
     return 1e3 * triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
 
@@ -27,12 +28,12 @@ def _device_us(fn) -> float:
 def gemm_table(config, device, rows_list=ROWS, dtype=torch.bfloat16) -> str:
     lines = ["| op | T | N x K | Triton us | cuBLAS us | Triton TFLOP/s or GB/s |",
              "| --- | --- | --- | --- | --- | --- |"]
-    for name, (n, k) in _shapes(config).items():
+    for name, (n, k) in linear_shapes(config).items():
         w = torch.randn(n, k, device=device, dtype=dtype) * 0.02
         for t in rows_list:
             x = torch.randn(t, k, device=device, dtype=dtype)
-            ours = _device_us(lambda: linear_triton(x, w))
-            cublas = _device_us(lambda: torch.nn.functional.linear(x, w))
+            ours = device_us(lambda: linear_triton(x, w))
+            cublas = device_us(lambda: torch.nn.functional.linear(x, w))
             rate = (f"{2 * t * n * k / ours / 1e6:.0f} TFLOP/s" if t > 16
                     else f"{w.numel() * w.element_size() / ours / 1e3:.0f} GB/s")
             lines.append(f"| {name} | {t} | {n} x {k} | {ours:.1f} | {cublas:.1f} | {rate} |")

@@ -77,7 +77,9 @@ def graph_replay_ms(engine, replays=100) -> float | None:
 
 
 @torch.inference_mode()
-def measure(config, device, cuda_graphs=True) -> dict:
+def measure(config, device, cuda_graphs=True, decode_only=False) -> dict:
+    """Build an engine of random weights and measure it; decode_only stops after the short
+    decode figures (decode, decode_scheduler, replay_ms), as bench.ab_switch needs."""
     torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     engine = build_engine(config, device, cuda_graphs)
@@ -88,12 +90,14 @@ def measure(config, device, cuda_graphs=True) -> dict:
               "decode": decode_tokens_per_s(engine),
               "decode_scheduler": decode_tokens_per_s(engine, through_scheduler=True),
               # replays the last step uploaded: the one above, 143 tokens of context
-              "replay_ms": graph_replay_ms(engine),
-              # a long context: the decode attention's share of the step grows with it
-              "decode_long": decode_tokens_per_s(engine, prompt_len=LONG_PROMPT, new_tokens=64),
-              "prefill": prefill_tokens_per_s(engine),
-              "peak_gb": torch.cuda.max_memory_allocated(device) / 1e9,
-              "kv_tokens": engine.cache.capacity_tokens}
+              "replay_ms": graph_replay_ms(engine)}
+    if not decode_only:
+        result.update(
+            # a long context: the decode attention's share of the step grows with it
+            decode_long=decode_tokens_per_s(engine, prompt_len=LONG_PROMPT, new_tokens=64),
+            prefill=prefill_tokens_per_s(engine),
+            peak_gb=torch.cuda.max_memory_allocated(device) / 1e9,
+            kv_tokens=engine.cache.capacity_tokens)
     del engine
     gc.collect()  # the engine and its CUDA graphs hold each other: free the cache memory now
     torch.cuda.empty_cache()
