@@ -13,7 +13,7 @@ import torch
 from graph.config import LlamaConfig
 from kernels.attention import NewTokens, paged_attention
 from kernels.gate_up_silu import gate_up_silu
-from kernels.linear import cpu_layout, handoff_applies, linear, linear_handoff
+from kernels.linear import cpu_layout, linear
 from kernels.rmsnorm import rmsnorm
 from kernels.rotary import rope_tables
 
@@ -112,31 +112,11 @@ class LlamaModel:
 
     def run_layers(self, start: int, end: int, hidden, residual, meta: BatchMeta, kv_caches):
         """Layers start..end-1, all on one device; residual is None before the first layer."""
-        if handoff_applies(hidden):
-            return self._run_layers_handing_off(start, end, hidden, residual, meta, kv_caches)
         for i in range(start, end):
             # inside the run, the next block's RMSNorm may sum w2's split-K partials itself
             hidden, residual = self._block(self.layers[i], hidden, residual, meta, kv_caches[i],
                                            sum_w2_later=i < end - 1)
         return hidden, residual
-
-    def _run_layers_handing_off(self, start, end, hidden, residual, meta, kv_caches):
-        """run_layers with every RMSNorm after the first handed from the GEMV that makes h to
-        the one that reads the norm (kernels/norm_handoff.py): no RMSNorm kernels inside."""
-        eps = self.config.rms_norm_eps
-        x, residual = rmsnorm(hidden, self.layers[start]["attention_norm"], eps, residual)
-        qkv = linear(x, self.layers[start]["attention.wqkv"])
-        for i in range(start, end):
-            w = self.layers[i]
-            attn = self._attention(qkv, meta, kv_caches[i])
-            h, hand = linear_handoff(attn, w["attention.wo"], residual, w["ffn_norm"], eps)
-            y = gate_up_silu(hand.scaled, w["feed_forward.w13"], rms=hand)
-            if i + 1 == end:
-                return linear(y, w["feed_forward.w2"]), h
-            nxt = self.layers[i + 1]
-            residual, hand = linear_handoff(y, w["feed_forward.w2"], h, nxt["attention_norm"],
-                                            eps)
-            qkv = linear(hand.scaled, nxt["attention.wqkv"], rms=hand)
 
     def final_norm(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         if hidden.device != self.last_device:

@@ -9,8 +9,7 @@ import triton
 import triton.language as tl
 
 from .dispatch import dot_precision, tune, use_triton
-from .linear import DECODE_MAX_ROWS, handoff_args, linear_ref, linear_triton
-from .norm_handoff import NormHandoff, handoff_rstd, rms_scaled_ref
+from .linear import DECODE_MAX_ROWS, linear_ref, linear_triton
 from .pdl import pdl_args, pdl_release, pdl_wait
 from .silu_mul import silu_mul_ref, silu_mul_triton
 
@@ -40,15 +39,13 @@ def gate_up_silu_ref(x, w13):
 )
 @triton.jit
 def _decode_gate_up_silu_kernel(x_ptr, w_ptr, out_ptr, M, N, K, M_BUCKET, sxm, swn, som,
-                                rms_ptr, eps, DOT_PREC: tl.constexpr, PDL: tl.constexpr,
-                                RMS_IN: tl.constexpr, SLOTS: tl.constexpr,
-                                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                                DOT_PREC: tl.constexpr, PDL: tl.constexpr,
+                                BLOCK_N: tl.constexpr,
+                                BLOCK_K: tl.constexpr):
     rm = tl.arange(0, 16)  # rows padded to tl.dot's minimum
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     pdl_wait(PDL)
-    if RMS_IN:  # x is a NormHandoff's scaled h: issued before the loop, waited for after it
-        rstd = handoff_rstd(rms_ptr, M, K, eps, SLOTS)
     gate_rows = w_ptr + rn[None, :].to(tl.int64) * swn
     up_rows = w_ptr + (N + rn[None, :]).to(tl.int64) * swn  # up row j is w13 row I + j
     g = tl.zeros((16, BLOCK_N), dtype=tl.float32)
@@ -63,18 +60,14 @@ def _decode_gate_up_silu_kernel(x_ptr, w_ptr, out_ptr, M, N, K, M_BUCKET, sxm, s
         g += tl.dot(x, wg, input_precision=DOT_PREC)
         u += tl.dot(x, wu, input_precision=DOT_PREC)
     pdl_release(PDL)
-    if RMS_IN:
-        g = g * rstd[:, None]
-        u = u * rstd[:, None]
     y = g / (1.0 + tl.exp(-g)) * u  # from the fp32 accumulators: no rounding of g and u
     tl.store(out_ptr + rm[:, None] * som + rn[None, :], y.to(out_ptr.dtype.element_ty),
              mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
-def gate_up_silu_triton(x, w13, rms=None):
+def gate_up_silu_triton(x, w13):
     M, K = x.shape
     if M > DECODE_MAX_ROWS:
-        assert rms is None, "the norm handoff is for decode (<= 16 rows)"
         # the Triton kernels themselves, not the public ops, so interpreter runs test them too
         return silu_mul_triton(linear_triton(x, w13))
     if x.stride(-1) != 1:
@@ -85,22 +78,16 @@ def gate_up_silu_triton(x, w13, rms=None):
     out = torch.empty((M, I), device=x.device, dtype=x.dtype)
     if M == 0:
         return out
-    norm = handoff_args(x, rms)
     grid = lambda meta: (triton.cdiv(I, meta["BLOCK_N"]),)
     _decode_gate_up_silu_kernel[grid](x, w13, out, M, I, K, triton.next_power_of_2(M),
                                       x.stride(0), w13.stride(0), out.stride(0),
-                                      norm["rms_ptr"], norm["eps"], RMS_IN=norm["RMS_IN"],
-                                      SLOTS=norm["SLOTS"], DOT_PREC=dot_precision(x.dtype),
+                                      DOT_PREC=dot_precision(x.dtype),
                                       **pdl_args(x.device))
     return out
 
 
-def gate_up_silu(x, w13, rms: NormHandoff | None = None):
-    """x [T, K], w13 [2I, K] (gate rows then up rows) -> silu(gate) * up, [T, I] in x.dtype.
-    rms: x is a NormHandoff's scaled h, and gate and up are scaled by its rows' 1/rms first
-    (kernels/norm_handoff.py)."""
+def gate_up_silu(x, w13):
+    """x [T, K], w13 [2I, K] (gate rows then up rows) -> silu(gate) * up, [T, I] in x.dtype."""
     if use_triton(x):
-        return gate_up_silu_triton(x, w13, rms)
-    if rms is None:
-        return gate_up_silu_ref(x, w13)
-    return silu_mul_ref(rms_scaled_ref(linear_ref(x, w13), rms)).to(x.dtype)
+        return gate_up_silu_triton(x, w13)
+    return gate_up_silu_ref(x, w13)

@@ -19,8 +19,6 @@ import triton.language as tl
 
 from .arrival import arrival_counters, is_last_arrival
 from .dispatch import dot_precision, sm_count, switched_on, tune, use_triton
-from .norm_handoff import (SLOT, NormHandoff, handoff_ref, handoff_rstd, new_handoff,
-                           rms_scaled_ref, store_handoff)
 from .pdl import pdl_args, pdl_release, pdl_wait
 
 DECODE_MAX_ROWS = 16
@@ -107,31 +105,15 @@ def _round_split(split, K):
     return triton.cdiv(K, per), per  # no empty split: every partial row gets written
 
 
-@triton.jit
-def _store_out(acc, rm, rn, out_ptr, som, M, N, res_ptr, sr, nw_ptr, xs_ptr, sq_ptr,
-               HANDOFF: tl.constexpr, BLOCK_N: tl.constexpr):
-    """A decode GEMV's column block [16, BLOCK_N] of fp32 results, stored in out's type, or with
-    HANDOFF stored as h with the next norm's handoff (kernels/norm_handoff.py)."""
-    if HANDOFF:
-        store_handoff(acc, rm, rn, out_ptr, som, res_ptr, sr, nw_ptr, xs_ptr, sq_ptr, M, N,
-                      BLOCK_N)
-    else:
-        tl.store(out_ptr + rm[:, None] * som + rn[None, :], acc.to(out_ptr.dtype.element_ty),
-                 mask=(rm[:, None] < M) & (rn[None, :] < N))
-
-
 @triton.autotune(configs=_decode_configs(), key=["M_BUCKET", "N", "K"])
 @triton.jit
-def _decode_linear_kernel(x_ptr, w_ptr, out_ptr, M, N, K, M_BUCKET, sxm, swn, som, res_ptr, sr,
-                          nw_ptr, xs_ptr, sq_ptr, rms_ptr, eps, DOT_PREC: tl.constexpr,
-                          PDL: tl.constexpr, HANDOFF: tl.constexpr, RMS_IN: tl.constexpr,
-                          SLOTS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _decode_linear_kernel(x_ptr, w_ptr, out_ptr, M, N, K, M_BUCKET, sxm, swn, som,
+                          DOT_PREC: tl.constexpr, PDL: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rm = tl.arange(0, 16)  # rows padded to tl.dot's minimum
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     pdl_wait(PDL)
-    if RMS_IN:  # issued before the loop, waited for after it
-        rstd = handoff_rstd(rms_ptr, M, K, eps, SLOTS)
     acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
@@ -141,21 +123,17 @@ def _decode_linear_kernel(x_ptr, w_ptr, out_ptr, M, N, K, M_BUCKET, sxm, swn, so
                     mask=(rn[None, :] < N) & (kk[:, None] < K), other=0.0)
         acc += tl.dot(x, w, input_precision=DOT_PREC)
     pdl_release(PDL)
-    if RMS_IN:
-        acc = acc * rstd[:, None]
-    _store_out(acc, rm, rn, out_ptr, som, M, N, res_ptr, sr, nw_ptr, xs_ptr, sq_ptr, HANDOFF,
-               BLOCK_N)
+    tl.store(out_ptr + rm[:, None] * som + rn[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
 @triton.autotune(configs=_SPLIT_CONFIGS, key=["M_BUCKET", "N", "K", "SPLIT_K"])
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
 @triton.jit
 def _decode_splitk_kernel(x_ptr, w_ptr, part_ptr, out_ptr, counter_ptr, M, N, K, M_BUCKET,
-                          SPLIT_K, K_PER_SPLIT, sxm, swn, som, res_ptr, sr, nw_ptr, xs_ptr,
-                          sq_ptr, rms_ptr, eps, DOT_PREC: tl.constexpr, PDL: tl.constexpr,
-                          SUM: tl.constexpr, HANDOFF: tl.constexpr, RMS_IN: tl.constexpr,
-                          SLOTS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          EVEN_K: tl.constexpr):
+                          SPLIT_K, K_PER_SPLIT, sxm, swn, som, DOT_PREC: tl.constexpr,
+                          PDL: tl.constexpr, SUM: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
     pdl_wait(PDL)
     pid_k = tl.program_id(1)
     rm = tl.arange(0, 16)  # rows padded to tl.dot's minimum
@@ -186,10 +164,8 @@ def _decode_splitk_kernel(x_ptr, w_ptr, part_ptr, out_ptr, counter_ptr, M, N, K,
             for s in range(0, SPLIT_K):  # split order: the same sum whichever program is last
                 # .cg reads L2: other SMs wrote these, and this SM's L1 may hold an older call's
                 total += tl.load(parts + s * M * N, mask=mask, other=0.0, cache_modifier=".cg")
-            if RMS_IN:
-                total = total * handoff_rstd(rms_ptr, M, K, eps, SLOTS)[:, None]
-            _store_out(total, rm, rn, out_ptr, som, M, N, res_ptr, sr, nw_ptr, xs_ptr, sq_ptr,
-                       HANDOFF, BLOCK_N)
+            tl.store(out_ptr + rm[:, None] * som + rn[None, :],
+                     total.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 class SplitPartials(NamedTuple):
@@ -209,30 +185,16 @@ class SplitPartials(NamedTuple):
         return self.parts.device
 
 
-def handoff_args(x, rms=None, handoff=None) -> dict:
-    """The decode kernels' norm-handoff arguments (kernels/norm_handoff.py): rms, the handoff
-    this GEMV reads; handoff, (residual, norm weight, NormHandoff to fill) for the one it makes.
-    x stands in for the pointers a launch does not use."""
-    residual, weight, made = handoff or (x, x, None)
-    return dict(res_ptr=residual, sr=residual.stride(0), nw_ptr=weight,
-                xs_ptr=made.scaled if made else x, sq_ptr=made.square_sums if made else x,
-                rms_ptr=rms.square_sums if rms else x, eps=rms.eps if rms else 0.0,
-                HANDOFF=made is not None, RMS_IN=rms is not None,
-                SLOTS=triton.next_power_of_2(triton.cdiv(x.shape[1], SLOT)) if rms else 1)
-
-
-def _launch_decode(x, weight, out, split, k_per_split, sum_later=False, rms=None, handoff=None):
-    """out = x @ weight.T (scaled by the 1/rms of `rms`, and handing off `handoff`); with
-    sum_later and split > 1, returns the SplitPartials instead."""
+def _launch_decode(x, weight, out, split, k_per_split, sum_later=False):
+    """out = x @ weight.T; with sum_later and split > 1, returns the SplitPartials instead."""
     M, K = x.shape
     N = weight.shape[0]
     prec = dot_precision(x.dtype)
     m_bucket = triton.next_power_of_2(M)
-    norm = handoff_args(x, rms, handoff)
     if split == 1:
         grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)
         _decode_linear_kernel[grid](x, weight, out, M, N, K, m_bucket, x.stride(0),
-                                    weight.stride(0), out.stride(0), **norm, DOT_PREC=prec,
+                                    weight.stride(0), out.stride(0), DOT_PREC=prec,
                                     **pdl_args(x.device))
         return out
     part = torch.empty((split, M, N), device=x.device, dtype=torch.float32)
@@ -240,7 +202,7 @@ def _launch_decode(x, weight, out, split, k_per_split, sum_later=False, rms=None
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), split)
     _decode_splitk_kernel[grid](x, weight, part, out, counters, M, N, K, m_bucket, split,
                                 k_per_split, x.stride(0), weight.stride(0), out.stride(0),
-                                **norm, DOT_PREC=prec, SUM=not sum_later, **pdl_args(x.device))
+                                DOT_PREC=prec, SUM=not sum_later, **pdl_args(x.device))
     return SplitPartials(part, out.dtype) if sum_later else out
 
 
@@ -290,7 +252,7 @@ def _prefill_linear_kernel(x_ptr, w_ptr, out_ptr, M, N, K, M_BUCKET, sxm, swn, s
              acc.to(out_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
-def linear_triton(x, weight, out_dtype=None, sum_later=False, rms=None, handoff=None):
+def linear_triton(x, weight, out_dtype=None, sum_later=False):
     if x.stride(-1) != 1:
         x = x.contiguous()
     if weight.stride(-1) != 1:
@@ -304,9 +266,7 @@ def linear_triton(x, weight, out_dtype=None, sum_later=False, rms=None, handoff=
     if M <= DECODE_MAX_ROWS:
         split_on = switched_on("LLAMA_TRITON_SPLITK", DECODE_SPLIT_K)
         split = decode_split_k(N, K, sm_count(x.device)) if split_on else (1, K)
-        return _launch_decode(x, weight, out, *split, sum_later=sum_later and not handoff,
-                              rms=rms, handoff=handoff)
-    assert rms is None and handoff is None, "the norm handoff is for decode (<= 16 rows)"
+        return _launch_decode(x, weight, out, *split, sum_later=sum_later)
     args = (x, weight, out, M, N, K, triton.next_power_of_2(M), x.stride(0), weight.stride(0),
             out.stride(0))
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
@@ -314,35 +274,13 @@ def linear_triton(x, weight, out_dtype=None, sum_later=False, rms=None, handoff=
     return out
 
 
-def linear(x, weight, out_dtype=None, sum_later=False, rms: NormHandoff | None = None):
+def linear(x, weight, out_dtype=None, sum_later=False):
     """x [T, K], weight [N, K] -> [T, N] in out_dtype (by default x.dtype). sum_later: the
     caller hands the result to kernels.rmsnorm, so a split-K decode GEMV may return its
     SplitPartials (on since the engine's GPU tests passed with it; LLAMA_TRITON_SUM_LATER=0
-    turns it off, for A/B runs; NOTES.md). rms: x is a NormHandoff's `scaled`, and the result
-    is scaled by its rows' 1/rms (kernels/norm_handoff.py)."""
+    turns it off, for A/B runs; NOTES.md)."""
     if use_triton(x):
         sum_later = sum_later and switched_on("LLAMA_TRITON_SUM_LATER", True)
-        return linear_triton(x, weight, out_dtype, sum_later, rms)
+        return linear_triton(x, weight, out_dtype, sum_later)
     out = linear_ref(x, weight)
-    if rms is not None:
-        out = rms_scaled_ref(out, rms).to(x.dtype)
     return out if out_dtype is None else out.to(out_dtype)
-
-
-def handoff_applies(x) -> bool:
-    """Whether a decode step on x hands its RMSNorms from GEMV to GEMV (kernels/norm_handoff.py):
-    Triton decode rows, not fp16 (h times the norm weight may overflow there), and
-    LLAMA_TRITON_NORM_HANDOFF=1 (off by default: not yet measured on a GPU)."""
-    return (use_triton(x) and x.shape[0] <= DECODE_MAX_ROWS and x.dtype != torch.float16
-            and switched_on("LLAMA_TRITON_NORM_HANDOFF", False))
-
-
-def linear_handoff(x, weight, residual, norm_weight, eps):
-    """h = x @ weight.T + residual [T, N], and the NormHandoff of rmsnorm(h) * norm_weight for
-    the GEMV that reads it (kernels/norm_handoff.py): (h, handoff)."""
-    if use_triton(x) and x.shape[0] <= DECODE_MAX_ROWS:
-        made = new_handoff(x.shape[0], weight.shape[0], residual.dtype, x.device, eps)
-        residual = residual if residual.stride(-1) == 1 else residual.contiguous()
-        return linear_triton(x, weight, handoff=(residual, norm_weight, made)), made
-    h = linear_ref(x, weight) + residual
-    return h, handoff_ref(h, norm_weight, eps)

@@ -67,12 +67,3 @@ def test_batch_equals_each_prompt_alone(pair):
                                                        for t in texts]
     assert ours.cache.allocator.num_free == ours.cache.num_blocks
 
-
-def test_norm_handoff_path_matches_transformers(pair, monkeypatch):
-    """The layer loop that hands each RMSNorm from GEMV to GEMV (kernels/norm_handoff.py; on
-    the GPU only at decode, with LLAMA_TRITON_NORM_HANDOFF=1), forced on the CPU, where its
-    ops run their references: the same logits and greedy tokens as transformers."""
-    import graph.llama
-    monkeypatch.setattr(graph.llama, "handoff_applies", lambda hidden: True)
-    test_logits_match_transformers(pair)
-    test_greedy_generation_matches_transformers(pair)

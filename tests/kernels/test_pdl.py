@@ -127,9 +127,6 @@ def events(fn, sig, const, aligned=False, **opts):
 B = "*bf16"
 gemv = dict(x_ptr=B, w_ptr=B, out_ptr=B, M="i32", N="i32", K="i32", M_BUCKET="i32", sxm="i32",
             swn="i32", som="i32")
-handoff = dict(res_ptr=B, sr="i32", nw_ptr=B, xs_ptr=B, sq_ptr="*fp32", rms_ptr="*fp32",
-               eps="fp32")  # kernels/norm_handoff.py's arguments
-rms_in = dict(rms_ptr="*fp32", eps="fp32")
 rot = dict(q_ptr=B, k_ptr=B, v_ptr=B, pos_ptr="*i32", cos_ptr="*fp32", sin_ptr="*fp32",
            kc_ptr=B, vc_ptr=B, slot_ptr="*i32",
            **{a: "i32" for a in "sqt sqh skt skh svt svh s_cos kcb kcr kch vcb vcr vch "
@@ -138,30 +135,17 @@ out = {}
 splitk = dict(x_ptr=B, w_ptr=B, part_ptr="*fp32", out_ptr=B, counter_ptr="*i32", M="i32",
               N="i32", K="i32", M_BUCKET="i32", SPLIT_K="i32", K_PER_SPLIT="i32", sxm="i32",
               swn="i32", som="i32")
-NO_NORM = {"HANDOFF": False, "RMS_IN": False, "SLOTS": 1}
-HANDING_OFF = {"HANDOFF": True, "RMS_IN": False, "SLOTS": 1}
-TAKING_RMS = {"HANDOFF": False, "RMS_IN": True, "SLOTS": 256}
 lin, gus, spk = (linear._decode_linear_kernel, gate_up_silu._decode_gate_up_silu_kernel,
                  linear._decode_splitk_kernel)
 EVEN = {"EVEN_K": True}
-for name, kern, fn, sig, extra, variants in (
-        ("linear", lin, lin.fn, {**gemv, **handoff}, NO_NORM, 2),
-        ("gate_up_silu", gus, gus.fn, {**gemv, **rms_in}, {"RMS_IN": False, "SLOTS": 1}, 2),
-        ("splitk", spk, spk.fn.fn, {**splitk, **handoff}, {**EVEN, "SUM": True, **NO_NORM}, 2),
-        ("splitk, summed later", spk, spk.fn.fn, {**splitk, **handoff},
-         {**EVEN, "SUM": False, **NO_NORM}, 2),
-        # the norm handoff's variants: compiled as a launch on model shapes specialises them
-        ("linear, handing off", lin, lin.fn, {**gemv, **handoff}, HANDING_OFF, 1),
-        ("linear, taking 1/rms", lin, lin.fn, {**gemv, **handoff}, TAKING_RMS, 1),
-        ("splitk, handing off", spk, spk.fn.fn, {**splitk, **handoff},
-         {**EVEN, "SUM": True, **HANDING_OFF}, 1),
-        ("splitk, taking 1/rms", spk, spk.fn.fn, {**splitk, **handoff},
-         {**EVEN, "SUM": True, **TAKING_RMS}, 1),
-        ("gate_up_silu, taking 1/rms", gus, gus.fn, {**gemv, **rms_in},
-         {"RMS_IN": True, "SLOTS": 256}, 1)):
-    for cfg in (kern.configs[0], kern.configs[-1])[:variants]:
+for name, kern, fn, sig, extra in (
+        ("linear", lin, lin.fn, gemv, {}),
+        ("gate_up_silu", gus, gus.fn, gemv, {}),
+        ("splitk", spk, spk.fn.fn, splitk, {**EVEN, "SUM": True}),
+        ("splitk, summed later", spk, spk.fn.fn, splitk, {**EVEN, "SUM": False})):
+    for cfg in (kern.configs[0], kern.configs[-1]):
         const = dict(DOT_PREC="tf32", PDL=True, **extra, **cfg.kwargs)
-        for aligned in (False, True)[2 - variants:]:
+        for aligned in (False, True):
             out[f"{name} {cfg.kwargs}{', aligned' * aligned}"] = events(
                 fn, sig, const, aligned, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 for parts, x_type in ((0, B), (4, "*fp32")):
@@ -225,7 +209,7 @@ def test_pdl_kernels_compile_for_sm90_in_the_right_order(tmp_path):
             assert any(e.startswith("load") and "q_ptr" in e for e in ev[wait:]), name
         else:
             assert not early, early  # the kernel before may have written the cache
-    assert len(kernels) == 26
+    assert len(kernels) == 21
     # specialised as a launch on model shapes is, the GEMVs stream their weights through cp.async
     # (the software pipeline); the ld.global form is what odd sizes compile to
     for name, ev in kernels.items():
@@ -235,9 +219,7 @@ def test_pdl_kernels_compile_for_sm90_in_the_right_order(tmp_path):
         wait, release = ev.index("wait"), ev.index("release")
         loads = [i for i, e in enumerate(ev) if e.startswith("load")]
         assert loads[0] > wait, (name, ev)
-        # the epilogue reads after the release, as attention's merge does: split-K's last
-        # program the partials (and the 1/rms sums), a handing-off GEMV the residual and weight
-        epilogue = ("part_ptr", "res_ptr", "nw_ptr", "rms_ptr")
-        main_loads = [i for i in loads if not any(p in ev[i] for p in epilogue)]
+        # split-K's last program reads the partials after the release, as attention's merge does
+        main_loads = [i for i in loads if "part_ptr" not in ev[i]]
         assert main_loads[-1] < release < ev.index("store"), (name, ev)
         assert not any(e.endswith(":") for e in ev), (name, "a load whose address was not traced")
