@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -16,6 +17,9 @@ from kernels.dispatch import use_triton
 from runtime.kv_cache import PagedKVCache, SequenceBlocks
 from runtime.launched_step import LaunchedStep
 from runtime.sampler import SamplingParams, all_plain_greedy, sample
+
+if TYPE_CHECKING:  # imported for real only where graphs are made (CUDA-only code)
+    from runtime.cuda_graphs import DecodeGraphs
 
 
 def make_decode_graphs(model: LlamaModel, cache: PagedKVCache) -> "DecodeGraphs | None":
