@@ -1,7 +1,7 @@
 """A/B of one LLAMA_TRITON_* switch in one process on one GPU: for each shape, an engine is
 built (and its graphs captured) per setting, in alternation, and its batch-1 decode measured:
 tokens/s through the engine's loop and through the scheduler, and the graph replay of one step.
-usage: python -m bench.ab_switch LLAMA_TRITON_NORM_HANDOFF --shapes 1b 8b --rounds 2"""
+usage: python -m bench.ab_switch LLAMA_TRITON_SUM_LATER --shapes 1b 8b --rounds 2"""
 from __future__ import annotations
 
 import argparse
