@@ -121,26 +121,20 @@ class LlamaModel:
     def final_norm(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         if hidden.device != self.last_device:
             hidden, residual = hidden.to(self.last_device), residual.to(self.last_device)
-        hidden, _ = rmsnorm(hidden, self.norm, self.config.rms_norm_eps, residual,
-                            prefetch=self.head)
+        hidden, _ = rmsnorm(hidden, self.norm, self.config.rms_norm_eps, residual)
         return hidden
 
     def _block(self, w, hidden, residual, meta, kv_cache, sum_w2_later=False):
         c = self.config
-        # each kernel names the weight the next GEMV streams, which at decode on the GPU it may
-        # ask L2 for while it runs (kernels.l2_prefetch)
-        x, residual = rmsnorm(hidden, w["attention_norm"], c.rms_norm_eps, residual,
-                              prefetch=w["attention.wqkv"])
-        attn = self._attention(linear(x, w["attention.wqkv"]), meta, kv_cache,
-                               prefetch=w["attention.wo"])
+        x, residual = rmsnorm(hidden, w["attention_norm"], c.rms_norm_eps, residual)
+        attn = self._attention(linear(x, w["attention.wqkv"]), meta, kv_cache)
         hidden = linear(attn, w["attention.wo"], sum_later=True)
-        x, residual = rmsnorm(hidden, w["ffn_norm"], c.rms_norm_eps, residual,
-                              prefetch=w["feed_forward.w13"])
-        gated = gate_up_silu(x, w["feed_forward.w13"], prefetch=w["feed_forward.w2"])
-        hidden = linear(gated, w["feed_forward.w2"], sum_later=sum_w2_later)
+        x, residual = rmsnorm(hidden, w["ffn_norm"], c.rms_norm_eps, residual)
+        hidden = linear(gate_up_silu(x, w["feed_forward.w13"]), w["feed_forward.w2"],
+                        sum_later=sum_w2_later)
         return hidden, residual
 
-    def _attention(self, qkv, meta, kv_cache, prefetch=None):
+    def _attention(self, qkv, meta, kv_cache):
         """Attention of this step's tokens over the paged cache (their k and v written into it
         first); [T, q_size]."""
         c = self.config
@@ -152,7 +146,7 @@ class LlamaModel:
         new = NewTokens(k, v, meta.positions, meta.slot_mapping, cos, sin)
         attn = paged_attention(q, *kv_cache, meta.block_tables, meta.seq_lens,
                                meta.query_start_loc, meta.max_query_len, self.scale,
-                               meta.max_seq_len, new=new, prefetch=prefetch)
+                               meta.max_seq_len, new=new)
         return attn.reshape(tokens, c.q_size)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

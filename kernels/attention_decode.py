@@ -26,7 +26,6 @@ import triton.language as tl
 from .arrival import arrival_counters, is_last_arrival
 from .attention_block import attend_kv_block, fold_kv_block, load_kv_block
 from .dispatch import dot_precision, interpreting, sm_count, tune
-from .l2_prefetch import prefetch_chunks, prefetch_share
 from .pdl import pdl_args, pdl_release, pdl_wait
 from .rotary import rotate_pair
 
@@ -130,18 +129,16 @@ def _new_kv(k_row, v_row, kc_head, vc_head, slot, writes, kcb, kcr, vcb, vcr, bl
 @triton.jit
 def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, qsl_ptr, out_ptr, po_ptr,
                          plse_ptr, counter_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr,
-                         pf_ptr, sqt, sqh, skt, skh, svt, svh, s_cos, kcb, kcr, kch, vcb, vcr, vch,
-                         s_table, s_tcol, sot, soh, scale_log2, chunk_len, block_size, n_heads,
-                         GROUP, HD, NUM_SPLITS, pf_chunks, BLOCK_H: tl.constexpr,
-                         BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
-                         DOT_PREC: tl.constexpr, NEW_KV: tl.constexpr, PDL: tl.constexpr,
-                         PREFETCH: tl.constexpr):
+                         sqt, sqh, skt, skh, svt, svh, s_cos, kcb, kcr, kch, vcb, vcr, vch, s_table,
+                         s_tcol, sot, soh, scale_log2, chunk_len, block_size, n_heads, GROUP, HD,
+                         NUM_SPLITS, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+                         BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, DOT_PREC: tl.constexpr,
+                         NEW_KV: tl.constexpr, PDL: tl.constexpr):
+    if not NEW_KV:
+        pdl_wait(PDL)  # the kernel before may have written any cache row (kernels.pdl)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
-    if not NEW_KV:
-        _prefetch_next_weight(pf_ptr, pf_chunks, b, kvh, split, PREFETCH)
-        pdl_wait(PDL)  # the kernel before may have written any cache row (kernels.pdl)
     q_row = tl.load(qsl_ptr + b)
     n_q = tl.load(qsl_ptr + b + 1) - q_row
     seq_len = tl.load(lens_ptr + b)
@@ -175,7 +172,6 @@ def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, qsl_ptr, ou
         partner = tl.where(lo, d + half, d - half)
         c = tl.load(cos_ptr + pos * s_cos + d % half, mask=dmask, other=0.0)
         s = tl.load(sin_ptr + pos * s_cos + d % half, mask=dmask, other=0.0)
-        _prefetch_next_weight(pf_ptr, pf_chunks, b, kvh, split, PREFETCH)
         pdl_wait(PDL)
     if active:
         q_ptrs = q_ptr + q_row.to(tl.int64) * sqt + heads[:, None] * sqh
@@ -230,15 +226,6 @@ def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, qsl_ptr, ou
             tl.store(out, o.to(out_ptr.dtype.element_ty), mask=omask)
 
 
-@triton.jit
-def _prefetch_next_weight(pf_ptr, pf_chunks, b, kvh, split, PREFETCH: tl.constexpr):
-    """This program's share of the wo weight that L2 is asked for (kernels.l2_prefetch)."""
-    if PREFETCH:
-        program = (b * tl.num_programs(1) + kvh) * tl.num_programs(2) + split
-        programs = tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2)
-        prefetch_share(pf_ptr, pf_chunks, program, programs)
-
-
 def decode_splits(device, batch, n_kv, max_len):
     """Programs per (sequence, kv head): enough to cover the SMs twice, no more than there are
     chunks in max_len."""
@@ -260,10 +247,7 @@ class NewTokens(NamedTuple):
 
 
 def paged_decode_triton(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
-                        max_seq_len=None, num_splits=None, new: NewTokens | None = None,
-                        prefetch: torch.Tensor | None = None):
-    """prefetch: the weight the next GEMV (wo) reads, which the programs ask L2 for before
-    they wait for the kernel before (kernels.l2_prefetch)."""
+                        max_seq_len=None, num_splits=None, new: NewTokens | None = None):
     B = seq_lens.shape[0]
     _, n_heads, hd = q.shape
     block_size, n_kv = k_cache.shape[1], k_cache.shape[2]
@@ -277,16 +261,15 @@ def paged_decode_triton(q, k_cache, v_cache, block_tables, seq_lens, query_start
     part_lse = torch.empty((B, splits, n_heads), device=q.device, dtype=torch.float32)
     counters = arrival_counters(q.device, B * n_kv)
     fresh, fresh_strides = _new_token_args(new, q)
-    chunks = prefetch_chunks(prefetch, "attention")
     _decode_split_kernel[(B, n_kv, splits)](
         q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, part_o, part_lse,
-        counters, *fresh, prefetch if chunks else q, q.stride(0), q.stride(1), *fresh_strides,
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0),
-        v_cache.stride(1), v_cache.stride(2), block_tables.stride(0), block_tables.stride(1),
-        out.stride(0), out.stride(1), scale * LOG2E, chunk_len, block_size, n_heads, group, hd,
-        splits, chunks, BLOCK_H=max(16, triton.next_power_of_2(group)),
-        BLOCK_D=triton.next_power_of_2(hd), SPLIT=splits > 1, DOT_PREC=dot_precision(q.dtype),
-        NEW_KV=new is not None, PREFETCH=chunks > 0, **pdl_args(q.device))
+        counters, *fresh, q.stride(0), q.stride(1), *fresh_strides, k_cache.stride(0),
+        k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
+        v_cache.stride(2), block_tables.stride(0), block_tables.stride(1), out.stride(0),
+        out.stride(1), scale * LOG2E, chunk_len, block_size, n_heads, group, hd, splits,
+        BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_D=triton.next_power_of_2(hd),
+        SPLIT=splits > 1, DOT_PREC=dot_precision(q.dtype), NEW_KV=new is not None,
+        **pdl_args(q.device))
     return out
 
 

@@ -9,7 +9,6 @@ import triton
 import triton.language as tl
 
 from .dispatch import dot_precision, tune, use_triton
-from .l2_prefetch import prefetch_chunks, prefetch_share
 from .linear import DECODE_MAX_ROWS, linear_ref, linear_triton
 from .pdl import pdl_args, pdl_release, pdl_wait
 from .silu_mul import silu_mul_ref, silu_mul_triton
@@ -39,9 +38,9 @@ def gate_up_silu_ref(x, w13):
     key=["M_BUCKET", "N", "K"],
 )
 @triton.jit
-def _decode_gate_up_silu_kernel(x_ptr, w_ptr, out_ptr, pf_ptr, M, N, K, M_BUCKET, sxm, swn, som,
-                                pf_chunks, DOT_PREC: tl.constexpr, PDL: tl.constexpr,
-                                PREFETCH: tl.constexpr, BLOCK_N: tl.constexpr,
+def _decode_gate_up_silu_kernel(x_ptr, w_ptr, out_ptr, M, N, K, M_BUCKET, sxm, swn, som,
+                                DOT_PREC: tl.constexpr, PDL: tl.constexpr,
+                                BLOCK_N: tl.constexpr,
                                 BLOCK_K: tl.constexpr):
     rm = tl.arange(0, 16)  # rows padded to tl.dot's minimum
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -61,14 +60,12 @@ def _decode_gate_up_silu_kernel(x_ptr, w_ptr, out_ptr, pf_ptr, M, N, K, M_BUCKET
         g += tl.dot(x, wg, input_precision=DOT_PREC)
         u += tl.dot(x, wu, input_precision=DOT_PREC)
     pdl_release(PDL)
-    if PREFETCH:  # the last weight load is issued: DRAM has room for w2's (l2_prefetch)
-        prefetch_share(pf_ptr, pf_chunks, tl.program_id(0), tl.num_programs(0))
     y = g / (1.0 + tl.exp(-g)) * u  # from the fp32 accumulators: no rounding of g and u
     tl.store(out_ptr + rm[:, None] * som + rn[None, :], y.to(out_ptr.dtype.element_ty),
              mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
-def gate_up_silu_triton(x, w13, prefetch=None):
+def gate_up_silu_triton(x, w13):
     M, K = x.shape
     if M > DECODE_MAX_ROWS:
         # the Triton kernels themselves, not the public ops, so interpreter runs test them too
@@ -82,18 +79,15 @@ def gate_up_silu_triton(x, w13, prefetch=None):
     if M == 0:
         return out
     grid = lambda meta: (triton.cdiv(I, meta["BLOCK_N"]),)
-    chunks = prefetch_chunks(prefetch, "gate_up")
-    _decode_gate_up_silu_kernel[grid](x, w13, out, prefetch if chunks else x, M, I, K,
-                                      triton.next_power_of_2(M), x.stride(0), w13.stride(0),
-                                      out.stride(0), chunks, DOT_PREC=dot_precision(x.dtype),
-                                      PREFETCH=chunks > 0, **pdl_args(x.device))
+    _decode_gate_up_silu_kernel[grid](x, w13, out, M, I, K, triton.next_power_of_2(M),
+                                      x.stride(0), w13.stride(0), out.stride(0),
+                                      DOT_PREC=dot_precision(x.dtype),
+                                      **pdl_args(x.device))
     return out
 
 
-def gate_up_silu(x, w13, prefetch=None):
-    """x [T, K], w13 [2I, K] (gate rows then up rows) -> silu(gate) * up, [T, I] in x.dtype.
-    prefetch: the weight the next GEMV (w2) reads, which the GPU decode kernel may ask L2 for
-    (kernels.l2_prefetch)."""
+def gate_up_silu(x, w13):
+    """x [T, K], w13 [2I, K] (gate rows then up rows) -> silu(gate) * up, [T, I] in x.dtype."""
     if use_triton(x):
-        return gate_up_silu_triton(x, w13, prefetch)
+        return gate_up_silu_triton(x, w13)
     return gate_up_silu_ref(x, w13)

@@ -4,8 +4,7 @@ import triton
 import triton.language as tl
 
 from .dispatch import tune, use_triton
-from .l2_prefetch import extra_programs, prefetch_chunks, prefetch_share
-from .linear import DECODE_MAX_ROWS, SplitPartials
+from .linear import SplitPartials
 from .pdl import pdl_args, pdl_release, pdl_wait
 
 
@@ -22,22 +21,10 @@ def rmsnorm_ref(x, weight, eps, residual=None):
     key=["BLOCK"],
 )
 @triton.jit
-def _rmsnorm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, s_ptr, pf_ptr, T, H, sx, sr, so, ss, s_part,
-                    eps, pf_chunks, HAS_RES: tl.constexpr, N_PARTS: tl.constexpr,
-                    PDL: tl.constexpr, PREFETCH: tl.constexpr, BLOCK: tl.constexpr):
+def _rmsnorm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, s_ptr, H, sx, sr, so, ss, s_part, eps,
+                    HAS_RES: tl.constexpr, N_PARTS: tl.constexpr, PDL: tl.constexpr,
+                    BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
-    if row < T:
-        _normalise_row(x_ptr, r_ptr, w_ptr, out_ptr, s_ptr, row, H, sx, sr, so, ss, s_part, eps,
-                       HAS_RES, N_PARTS, PDL, BLOCK)
-    if PREFETCH:
-        if row >= T:  # the programs added to ask L2 for the next GEMV's weights (l2_prefetch)
-            prefetch_share(pf_ptr, pf_chunks, row - T, tl.num_programs(0) - T)
-
-
-@triton.jit
-def _normalise_row(x_ptr, r_ptr, w_ptr, out_ptr, s_ptr, row, H, sx, sr, so, ss, s_part, eps,
-                   HAS_RES: tl.constexpr, N_PARTS: tl.constexpr, PDL: tl.constexpr,
-                   BLOCK: tl.constexpr):
     cols = tl.arange(0, BLOCK)
     mask = cols < H
     act = s_ptr.dtype.element_ty  # the activations' type (x's, or the partials' sum's)
@@ -65,7 +52,7 @@ def _normalise_row(x_ptr, r_ptr, w_ptr, out_ptr, s_ptr, row, H, sx, sr, so, ss, 
     tl.store(out_ptr + row * so + cols, (y * w).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def rmsnorm_triton(x, weight, eps, residual=None, prefetch=None):
+def rmsnorm_triton(x, weight, eps, residual=None):
     parts = x.parts if isinstance(x, SplitPartials) else None
     if parts is not None:
         # the sum's type comes from the buffer the kernel writes it to
@@ -81,19 +68,17 @@ def rmsnorm_triton(x, weight, eps, residual=None, prefetch=None):
         s = torch.empty((T, H), device=x.device, dtype=act)
     else:
         residual, s = x, x  # unused by the kernel (HAS_RES=False)
-    chunks = prefetch_chunks(prefetch, "norm") if T <= DECODE_MAX_ROWS else 0
-    _rmsnorm_kernel[(T + extra_programs(chunks, x.device),)](
-        x, residual, weight, out, s, prefetch if chunks else x, T, H, x.stride(0),
-        residual.stride(0), out.stride(0), s.stride(0), 0 if parts is None else parts.stride(0),
-        eps, chunks, HAS_RES=residual is not x, N_PARTS=0 if parts is None else parts.shape[0],
-        PREFETCH=chunks > 0, BLOCK=triton.next_power_of_2(H), **pdl_args(x.device))
+    _rmsnorm_kernel[(T,)](x, residual, weight, out, s, H, x.stride(0), residual.stride(0),
+                          out.stride(0), s.stride(0), 0 if parts is None else parts.stride(0),
+                          eps, HAS_RES=residual is not x,
+                          N_PARTS=0 if parts is None else parts.shape[0],
+                          BLOCK=triton.next_power_of_2(H), **pdl_args(x.device))
     return out, s
 
 
-def rmsnorm(x, weight, eps, residual=None, prefetch=None):
+def rmsnorm(x, weight, eps, residual=None):
     """x [T, H] (or a split-K GEMV's SplitPartials, with a residual); returns
-    (norm(x + residual) * weight, x + residual). prefetch: the weight of the GEMV that reads the
-    result, which the GPU kernel may ask L2 for at decode (kernels.l2_prefetch)."""
+    (norm(x + residual) * weight, x + residual)."""
     if isinstance(x, SplitPartials) or use_triton(x):
-        return rmsnorm_triton(x, weight, eps, residual, prefetch)
+        return rmsnorm_triton(x, weight, eps, residual)
     return rmsnorm_ref(x, weight, eps, residual)

@@ -13,7 +13,7 @@ from kernels import arrival
 from kernels.attention_decode import NewTokens, paged_decode_triton
 from kernels.dispatch import sm_count
 from kernels.gate_up_silu import gate_up_silu_ref, gate_up_silu_triton
-from kernels import l2_prefetch, pdl
+from kernels import pdl
 from kernels.linear import decode_split_k, linear, linear_triton
 from kernels.rmsnorm import rmsnorm_ref, rmsnorm_triton
 from kernels.rotary import rope_tables, rotary_cache_write_ref, rotary_cache_write_triton
@@ -158,38 +158,6 @@ def test_pdl_in_cuda_graph_changes_no_bit(monkeypatch, T):
         g.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, expected)
-
-
-def test_l2_prefetch_asks_on_the_gpu_and_changes_no_bit(monkeypatch):
-    """RMSNorm, the gate+up GEMV and decode attention asking L2 for a next weight (the bulk
-    prefetch of kernels.l2_prefetch, up to the whole 1B-shape w13, chunk by chunk), eagerly and
-    replayed in a CUDA graph with PDL: the results of the same launches that do not ask."""
-    if not l2_prefetch._device_supports(torch.cuda.current_device()):
-        pytest.skip("the bulk L2 prefetch needs compute capability 9 or newer")
-    x, r = (torch.randn(1, 2048, device=DEV, dtype=torch.bfloat16) for _ in range(2))
-    nw = torch.randn(2048, device=DEV, dtype=torch.bfloat16)
-    w13 = (torch.randn(2 * 8192, 2048, device=DEV) / 45).to(torch.bfloat16)
-    w2 = (torch.randn(2048, 8192, device=DEV) / 90).to(torch.bfloat16)
-    q, kc, vc, bt, sl, qsl = _paged_batch([300], [1], 32, 8, 64, torch.bfloat16)
-
-    def chain(prefetch):
-        normed, summed = rmsnorm_triton(x, nw, 1e-5, r, prefetch=w13 if prefetch else None)
-        gated = gate_up_silu_triton(normed, w13, prefetch=w2 if prefetch else None)
-        attn = paged_decode_triton(q, kc, vc, bt, sl, qsl, 0.125, 2048,
-                                   prefetch=w13 if prefetch else None)
-        return normed, summed, gated, attn
-
-    want = [t.clone() for t in chain(False)]
-    monkeypatch.setenv("LLAMA_TRITON_L2_PREFETCH_MB", "64")
-    assert l2_prefetch.prefetch_chunks(w13, "norm") == w13.numel() * 2 // l2_prefetch.CHUNK
-    assert all(torch.equal(a, b) for a, b in zip(chain(True), want))
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        outs = chain(True)
-    for _ in range(3):
-        g.replay()
-        torch.cuda.synchronize()
-        assert all(torch.equal(a, b) for a, b in zip(outs, want))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -140,7 +140,7 @@ lin, gus, spk = (linear._decode_linear_kernel, gate_up_silu._decode_gate_up_silu
 EVEN = {"EVEN_K": True}
 for name, kern, fn, sig, extra in (
         ("linear", lin, lin.fn, gemv, {}),
-        ("gate_up_silu", gus, gus.fn, dict(gemv, pf_ptr=B, pf_chunks="i32"), {"PREFETCH": False}),
+        ("gate_up_silu", gus, gus.fn, gemv, {}),
         ("splitk", spk, spk.fn.fn, splitk, {**EVEN, "SUM": True}),
         ("splitk, summed later", spk, spk.fn.fn, splitk, {**EVEN, "SUM": False})):
     for cfg in (kern.configs[0], kern.configs[-1]):
@@ -151,9 +151,9 @@ for name, kern, fn, sig, extra in (
 for parts, x_type in ((0, B), (4, "*fp32")):
     out[f"rmsnorm, {parts} partials"] = events(
         rmsnorm._rmsnorm_kernel.fn,
-        dict(x_ptr=x_type, r_ptr=B, w_ptr=B, out_ptr=B, s_ptr=B, pf_ptr=B, T="i32", H="i32",
-             sx="i32", sr="i32", so="i32", ss="i32", s_part="i32", eps="fp32", pf_chunks="i32"),
-        dict(HAS_RES=True, N_PARTS=parts, PDL=True, PREFETCH=False, BLOCK=2048), num_warps=8)
+        dict(x_ptr=x_type, r_ptr=B, w_ptr=B, out_ptr=B, s_ptr=B, H="i32", sx="i32", sr="i32",
+             so="i32", ss="i32", s_part="i32", eps="fp32"),
+        dict(HAS_RES=True, N_PARTS=parts, PDL=True, BLOCK=2048), num_warps=8)
 # decode attention: its merge reads partials after the release, so it is checked apart
 attn = attention_decode._decode_split_kernel
 FP32 = ("po_ptr", "plse_ptr", "cos_ptr", "sin_ptr")
@@ -161,7 +161,7 @@ BF16 = ("q_ptr", "kc_ptr", "vc_ptr", "out_ptr", "k_ptr", "v_ptr")
 attention = {}
 for new_kv in (False, True):
     const = dict(BLOCK_H=16, BLOCK_D=64, BLOCK_N=64, SPLIT=True, DOT_PREC="tf32",
-                 NEW_KV=new_kv, PDL=True, PREFETCH=False)
+                 NEW_KV=new_kv, PDL=True)
     sig = {n: ("*fp32" if n in FP32 else B if n in BF16 else "*i32") if n.endswith("_ptr")
            else "fp32" if n == "scale_log2" else "i32"
            for n in inspect.signature(attn.fn.fn).parameters if n not in const}
