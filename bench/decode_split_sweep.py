@@ -2,7 +2,8 @@
 the figures behind kernels.linear.decode_split_k, whose pick is marked. Batch 1, device time
 from a CUDA graph. Each pass cycles through enough copies of the weight to overflow L2, so the
 weight streams from DRAM as it does in a decode step (one copy of the 8B shape's wo, 34 MB,
-would stay in the H200's 50 MB L2 between calls).
+would stay in the H200's 50 MB L2 between calls). The "L2-hot" column calls the kernel on one
+copy throughout instead: where the weight fits in L2, how much of the time DRAM accounts for.
 usage: python -m bench.decode_split_sweep --shape 8b"""
 from __future__ import annotations
 
@@ -44,8 +45,8 @@ def _device_us(weights, x, split, per) -> float:
 
 
 def sweep_table(config, device, dtype=torch.bfloat16) -> str:
-    lines = ["| op | N x K | splits | K per split | us | GB/s | heuristic |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| op | N x K | splits | K per split | us | GB/s | L2-hot us | heuristic |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, (n, k) in small_n_projections(config).items():
         nbytes = n * k * torch.finfo(dtype).bits // 8
         copies = triton.cdiv(STREAM_BYTES, nbytes)
@@ -54,9 +55,10 @@ def sweep_table(config, device, dtype=torch.bfloat16) -> str:
         pick = decode_split_k(n, k, sm_count(device))
         for split, per in split_choices(k):
             us = _device_us(weights, x, split, per)
+            hot = _device_us(weights[:1] * len(weights), x, split, per)
             mark = "<-" if (split, per) == pick else ""
             lines.append(f"| {name} | {n} x {k} | {split} | {per} | {us:.1f} | "
-                         f"{nbytes / us / 1e3:.0f} | {mark} |")
+                         f"{nbytes / us / 1e3:.0f} | {hot:.1f} | {mark} |")
         del weights
     return "\n".join(lines)
 
