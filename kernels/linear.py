@@ -11,7 +11,6 @@ Two paths, because the two phases hit different limits:
 - prefill: compute-bound; tensor-core tiles with grouped ordering for L2 reuse.
 All are autotuned, keyed on (row-count bucket, N, K[, SPLIT_K]) so a new prompt length does not
 retune."""
-import os
 from typing import NamedTuple
 
 import torch
@@ -90,24 +89,14 @@ SPLIT_MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in _SPLIT_CONFIGS)  # most col
 DECODE_SPLIT_K = True
 
 
-def split_waves() -> int:
-    """Programs per SM that a split decode GEMV aims for: 2, or LLAMA_TRITON_SPLIT_WAVES (A/B
-    runs; bench/decode_split_sweep.py times each split choice alone)."""
-    value = os.environ.get("LLAMA_TRITON_SPLIT_WAVES", "2")
-    if not (value.isdigit() and int(value) >= 1):
-        raise ValueError(f"LLAMA_TRITON_SPLIT_WAVES={value!r} is not a whole number >= 1")
-    return int(value)
-
-
 def decode_split_k(N, K, sms):
     """(SPLIT_K, K per split) for a decode GEMV: 1 while N alone gives every SM a program at
     BLOCK_N=64 (the unsplit kernel then has 2-8x SMs programs at BLOCK_N 32-16); otherwise
-    enough K splits for ~split_waves() x SMs programs, each split a whole number of SPLIT_UNIT
-    columns."""
+    enough K splits for ~2x SMs programs, each split a whole number of SPLIT_UNIT columns."""
     tiles = triton.cdiv(N, SPLIT_BLOCK_N)
     if tiles >= sms or K <= SPLIT_UNIT:
         return 1, K
-    split = min(triton.cdiv(split_waves() * sms, tiles), triton.cdiv(K, SPLIT_UNIT))
+    split = min(triton.cdiv(2 * sms, tiles), triton.cdiv(K, SPLIT_UNIT))
     return _round_split(split, K)
 
 

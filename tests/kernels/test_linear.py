@@ -40,23 +40,6 @@ def test_big_n_decode_does_not_split():
     assert split * triton.cdiv(3072, 64) >= 2 * 132 and per % SPLIT_UNIT == 0
 
 
-def test_split_waves_set_the_programs_aimed_for(monkeypatch):
-    # the 8B wqkv (96 column tiles of 64) on 132 SMs: 2 waves by default, more when asked
-    monkeypatch.delenv("LLAMA_TRITON_SPLIT_WAVES", raising=False)
-    assert decode_split_k(6144, 4096, 132) == linear_mod._round_split(3, 4096)  # 264 / 96
-    monkeypatch.setenv("LLAMA_TRITON_SPLIT_WAVES", "6")
-    assert decode_split_k(6144, 4096, 132) == linear_mod._round_split(9, 4096)  # 792 / 96
-    assert decode_split_k(128256, 2048, 132) == (1, 2048)  # still unsplit where N fills the GPU
-
-
-@pytest.mark.parametrize("value", ["0", "-2", "1.5", "two", ""])
-def test_split_waves_that_are_not_a_count_are_named(monkeypatch, value):
-    monkeypatch.setenv("LLAMA_TRITON_SPLIT_WAVES", value)
-    with pytest.raises(ValueError) as err:
-        decode_split_k(2048, 2048, 132)
-    assert f"LLAMA_TRITON_SPLIT_WAVES={value!r} is not a whole number >= 1" in str(err.value)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("T", [1, 5, 16])
 @pytest.mark.parametrize("N,K,split", [(40, 96, 3), (70, 100, 4), (33, 130, 2), (20, 200, 7)])
