@@ -17,6 +17,7 @@ later steps and folds them in from registers. No rotary launch runs before this 
 cache rows it reads are older than the kernel before it (the QKV GEMV), so the first block of
 them is loaded before the PDL wait. The block table may be int32 or int64 with any strides: the
 decode graphs pass a transposed view of their packed input (no copy per step)."""
+import os
 from typing import NamedTuple
 
 import torch
@@ -132,7 +133,7 @@ def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, qsl_ptr, ou
                          plse_ptr, counter_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr,
                          wo_ptr, wpart_ptr, sqt, sqh, skt, skh, svt, svh, s_cos, kcb, kcr, kch, vcb,
                          vcr, vch, s_table, s_tcol, sot, soh, swo, scale_log2, chunk_len,
-                         block_size, n_heads, GROUP, HD, NUM_SPLITS, N_OUT, WO_BLOCKS,
+                         block_size, n_heads, GROUP, HD, NUM_SPLITS, N_OUT, WO_BLOCKS, WO_ROWS,
                          BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                          SPLIT: tl.constexpr, DOT_PREC: tl.constexpr, NEW_KV: tl.constexpr,
                          PDL: tl.constexpr, WO: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -141,8 +142,8 @@ def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, qsl_ptr, ou
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     if WO:  # a wo program's weight tile streams in while the kernel before finishes
-        w_tile = _wo_tile(wo_ptr, kvh, split - NUM_SPLITS, split >= NUM_SPLITS, N_OUT, swo,
-                          GROUP * HD, BLOCK_R, BLOCK_C)
+        w_tile = _wo_tile(wo_ptr, kvh, (split - NUM_SPLITS) * WO_ROWS, split >= NUM_SPLITS,
+                          N_OUT, swo, GROUP * HD, BLOCK_R, BLOCK_C)
     if not NEW_KV:
         pdl_wait(PDL)  # the kernel before may have written any cache row (kernels.pdl)
     q_row = tl.load(qsl_ptr + b)
@@ -239,9 +240,9 @@ def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, qsl_ptr, ou
             _publish(wo_flag, WO)
     if WO:
         if split >= NUM_SPLITS:
-            _wo_program(w_tile, wpart_ptr, out_ptr, wo_flag, wo_flag + tl.num_programs(1), q_row,
-                        kvh, split - NUM_SPLITS, N_OUT, sot, GROUP * HD, WO_BLOCKS, PDL, BLOCK_R,
-                        BLOCK_C)
+            _wo_program(w_tile, wo_ptr, wpart_ptr, out_ptr, wo_flag, wo_flag + tl.num_programs(1),
+                        q_row, kvh, (split - NUM_SPLITS) * WO_ROWS, WO_ROWS, N_OUT, sot, swo,
+                        GROUP * HD, WO_BLOCKS, PDL, BLOCK_R, BLOCK_C)
 
 
 @triton.jit
@@ -253,11 +254,11 @@ def _publish(flag, WO: tl.constexpr):
 
 
 @triton.jit
-def _wo_tile(wo_ptr, kvh, block, is_wo, N_OUT, swo, WIDTH, BLOCK_R: tl.constexpr,
+def _wo_tile(wo_ptr, kvh, first, is_wo, N_OUT, swo, WIDTH, BLOCK_R: tl.constexpr,
              BLOCK_C: tl.constexpr):
-    """Rows block * BLOCK_R.. of wo, the WIDTH columns that meet kv head kvh's output; nothing
-    loaded unless is_wo. Weights: safe to read before the PDL wait."""
-    rows = block * BLOCK_R + tl.arange(0, BLOCK_R)
+    """Rows first.. first + BLOCK_R - 1 of wo, the WIDTH columns that meet kv head kvh's
+    output; nothing loaded unless is_wo. Weights: safe to read before the PDL wait."""
+    rows = first + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_C)
     mask = (rows[:, None] < tl.where(is_wo, N_OUT, 0)) & (cols[None, :] < WIDTH)
     return tl.load(wo_ptr + rows[:, None].to(tl.int64) * swo + kvh * WIDTH + cols[None, :],
@@ -265,27 +266,37 @@ def _wo_tile(wo_ptr, kvh, block, is_wo, N_OUT, swo, WIDTH, BLOCK_R: tl.constexpr
 
 
 @triton.jit
-def _wo_program(w_tile, wpart_ptr, out_ptr, flag, done, q_row, kvh, block, N_OUT, sot, WIDTH,
-                WO_BLOCKS, PDL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """A wo program's partial: its rows of wo (w_tile, loaded at the kernel's start, so it
-    streamed while the kernel before ran) times kv head kvh's attention output, once the
-    attention program that writes that output has raised the flag. One fp32 partial per kv
-    head (SplitPartials). The attention programs come first in the grid's launch order (and in
-    the interpreter's), so the one that raises the flag never waits for a slot that a spinning
-    wo program holds. The kernel's PDL wait has been passed already."""
+def _wo_program(w_tile, wo_ptr, wpart_ptr, out_ptr, flag, done, q_row, kvh, first, WO_ROWS, N_OUT,
+                sot, swo, WIDTH, WO_BLOCKS, PDL: tl.constexpr, BLOCK_R: tl.constexpr,
+                BLOCK_C: tl.constexpr):
+    """A wo program's partial: rows first.. first + WO_ROWS - 1 of wo times kv head kvh's
+    attention output, once the attention program that writes that output has raised the flag.
+    The first BLOCK_R rows (w_tile) were loaded at the kernel's start, so they streamed while
+    the kernel before ran. One fp32 partial per kv head (SplitPartials). The attention
+    programs come first in the grid's launch order (and in the interpreter's), so the one that
+    raises the flag never waits for a slot that a spinning wo program holds. The kernel's PDL
+    wait has been passed already."""
     ready = tl.atomic_add(flag, 0, sem="acquire", scope="gpu")
     while ready == 0:
         ready = tl.atomic_add(flag, 0, sem="acquire", scope="gpu")
     cols = tl.arange(0, BLOCK_C)
     # .cg reads L2: the attention program of another SM wrote these rows
     o = tl.load(out_ptr + q_row.to(tl.int64) * sot + kvh * WIDTH + cols, mask=cols < WIDTH,
-                other=0.0, cache_modifier=".cg")
+                other=0.0, cache_modifier=".cg").to(tl.float32)
+    end = tl.minimum(first + WO_ROWS, N_OUT)
+    for r0 in range(first + BLOCK_R, end, BLOCK_R):
+        w = _wo_tile(wo_ptr, kvh, r0, r0 < end, end, swo, WIDTH, BLOCK_R, BLOCK_C)
+        _store_wo_rows(w, o, wpart_ptr + kvh * N_OUT, r0, end, BLOCK_R)
     pdl_release(PDL)
-    acc = tl.sum(w_tile.to(tl.float32) * o.to(tl.float32)[None, :], axis=1)
-    rows = block * BLOCK_R + tl.arange(0, BLOCK_R)
-    tl.store(wpart_ptr + kvh * N_OUT + rows, acc, mask=rows < N_OUT)
+    _store_wo_rows(w_tile, o, wpart_ptr + kvh * N_OUT, first, end, BLOCK_R)
     if is_last_arrival(done, WO_BLOCKS):
         tl.store(flag, 0)  # every wo program of this kv head is past its spin
+
+
+@triton.jit
+def _store_wo_rows(w, o, part, first, end, BLOCK_R: tl.constexpr):
+    rows = first + tl.arange(0, BLOCK_R)
+    tl.store(part + rows, tl.sum(w.to(tl.float32) * o[None, :], axis=1), mask=rows < end)
 
 
 def decode_splits(device, batch, n_kv, max_len):
@@ -329,16 +340,16 @@ def paged_decode_triton(q, k_cache, v_cache, block_tables, seq_lens, query_start
     fresh, fresh_strides = _new_token_args(new, q)
     fused = wo is not None and B == 1 and q.shape[0] == 1 and switched_on("LLAMA_TRITON_ATTN_WO",
                                                                          False)
-    wo_args = _wo_args(wo, n_kv, group * hd, q.device) if fused else (q, out, 0, 1, 1, 1, 1)
+    wo_args = _wo_args(wo, n_kv, group * hd, q.device) if fused else (q, out, 0, 1, 1, 1, 1, 1)
     counters = arrival_counters(q.device, 3 * n_kv if fused else B * n_kv)
-    wo_weight, wo_parts, swo, n_out, wo_blocks, block_r, block_c = wo_args
+    wo_weight, wo_parts, swo, n_out, wo_blocks, wo_rows, block_r, block_c = wo_args
     _decode_split_kernel[(B, n_kv, splits + (wo_blocks if fused else 0))](
         q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, part_o, part_lse,
         counters, *fresh, wo_weight, wo_parts, q.stride(0), q.stride(1), *fresh_strides,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0),
         v_cache.stride(1), v_cache.stride(2), block_tables.stride(0), block_tables.stride(1),
         out.stride(0), out.stride(1), swo, scale * LOG2E, chunk_len, block_size, n_heads, group,
-        hd, splits, n_out, wo_blocks, BLOCK_H=max(16, triton.next_power_of_2(group)),
+        hd, splits, n_out, wo_blocks, wo_rows, BLOCK_H=max(16, triton.next_power_of_2(group)),
         BLOCK_D=triton.next_power_of_2(hd), SPLIT=splits > 1, DOT_PREC=dot_precision(q.dtype),
         NEW_KV=new is not None, WO=fused, BLOCK_R=block_r, BLOCK_C=block_c,
         **pdl_args(q.device))
@@ -346,6 +357,15 @@ def paged_decode_triton(q, k_cache, v_cache, block_tables, seq_lens, query_start
 
 
 WO_TILE = 8192  # weight elements a wo program holds: 16 KB in bf16
+
+
+def _wo_tiles() -> int:
+    """Row tiles per wo program: 1, or LLAMA_TRITON_ATTN_WO_TILES (A/B runs): fewer programs,
+    each streaming its later tiles after the flag."""
+    value = os.environ.get("LLAMA_TRITON_ATTN_WO_TILES", "1")
+    if not (value.isdigit() and int(value) >= 1):
+        raise ValueError(f"LLAMA_TRITON_ATTN_WO_TILES={value!r} is not a whole number >= 1")
+    return int(value)
 
 
 def _wo_args(wo: torch.Tensor, n_kv: int, group_width: int, device) -> tuple:
@@ -357,8 +377,9 @@ def _wo_args(wo: torch.Tensor, n_kv: int, group_width: int, device) -> tuple:
     hidden = wo.shape[0]
     block_c = triton.next_power_of_2(group_width)
     block_r = max(16, WO_TILE // block_c)
+    rows = block_r * _wo_tiles()
     parts = torch.empty((n_kv, 1, hidden), device=device, dtype=torch.float32)
-    return wo, parts, wo.stride(0), hidden, triton.cdiv(hidden, block_r), block_r, block_c
+    return wo, parts, wo.stride(0), hidden, triton.cdiv(hidden, rows), rows, block_r, block_c
 
 
 def _new_token_args(new: NewTokens | None, q: torch.Tensor) -> tuple[tuple, tuple]:

@@ -274,11 +274,13 @@ def _new_tokens(q, bt, sl, qsl, n_kv, block_size=16, max_positions=4096):
 
 
 @pytest.mark.parametrize("seq_len", [16, 300, 2000])  # one split with work; several, merged
-def test_paged_decode_with_wo_in_cuda_graph(monkeypatch, seq_len):
+@pytest.mark.parametrize("tiles", ["1", "4"])
+def test_paged_decode_with_wo_in_cuda_graph(monkeypatch, seq_len, tiles):
     """8B shapes, LLAMA_TRITON_ATTN_WO=1: the decode kernel's wo programs give the wo GEMV of
     its attention output (one fp32 partial per kv head), eagerly and replayed in a CUDA graph
     with PDL, run after run, with every flag and counter left at zero."""
     monkeypatch.setenv("LLAMA_TRITON_ATTN_WO", "1")
+    monkeypatch.setenv("LLAMA_TRITON_ATTN_WO_TILES", tiles)
     q, kc, vc, bt, sl, qsl = _paged_batch([seq_len], [1], 32, 8, 128, torch.bfloat16)
     new = _new_tokens(q, bt, sl, qsl, 8)
     wo = (torch.randn(4096, 4096, device=DEV) / 64).to(torch.bfloat16)

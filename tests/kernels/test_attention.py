@@ -257,12 +257,14 @@ def test_public_attention_writes_new_tokens_on_every_path(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("seq_len", [9, 40])  # one split with work; three, merged by the last
-def test_decode_with_wo_returns_its_projection(monkeypatch, dtype, seq_len):
+@pytest.mark.parametrize("tiles", ["1", "2", "3"])  # 72 rows in tiles of 32: 3, 2 or 1 programs
+def test_decode_with_wo_returns_its_projection(monkeypatch, dtype, seq_len, tiles):
     """One sequence, one query row, LLAMA_TRITON_ATTN_WO=1: the kernel's wo programs multiply
     each kv head's output by its columns of wo, one fp32 partial per kv head; their sum is the
     wo GEMV of the attention output, the cache is written as without them, and every counter
     and flag is back at zero."""
     monkeypatch.setenv("LLAMA_TRITON_ATTN_WO", "1")
+    monkeypatch.setenv("LLAMA_TRITON_ATTN_WO_TILES", tiles)
     q, kc, vc, bt, lens, qsl = make_batch([seq_len], [1], 8, 2, 64, 8, dtype)
     new = new_tokens_for(q, bt, lens, qsl, 8, 2)
     wo = torch.randn(72, 8 * 64, dtype=dtype) / 20  # 72 rows: a ragged last block of rows
@@ -290,3 +292,13 @@ def test_decode_with_wo_only_for_one_row_when_switched_on(monkeypatch):
     monkeypatch.setenv("LLAMA_TRITON_ATTN_WO", "1")
     with pytest.raises(AssertionError, match="wo must be"):
         paged_decode_triton(*one, 0.125, 64, wo=wo[:, :100])
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "two", ""])
+def test_wo_tiles_that_are_not_a_count_are_named(monkeypatch, value):
+    monkeypatch.setenv("LLAMA_TRITON_ATTN_WO", "1")
+    monkeypatch.setenv("LLAMA_TRITON_ATTN_WO_TILES", value)
+    one = make_batch([9], [1], 8, 2, 64, 8, torch.float32)
+    with pytest.raises(ValueError) as err:
+        paged_decode_triton(*one, 0.125, 64, wo=torch.randn(32, 8 * 64))
+    assert f"LLAMA_TRITON_ATTN_WO_TILES={value!r} is not a whole number >= 1" in str(err.value)
