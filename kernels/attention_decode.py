@@ -142,8 +142,8 @@ def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, qsl_ptr, ou
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     if WO:  # a wo program's weight tile streams in while the kernel before finishes
-        w_tile = _wo_tile(wo_ptr, kvh, (split - NUM_SPLITS) * WO_ROWS, split >= NUM_SPLITS,
-                          N_OUT, swo, GROUP * HD, BLOCK_R, BLOCK_C)
+        w_tile = _wo_tile(wo_ptr, kvh, tl.maximum(split - NUM_SPLITS, 0) * WO_ROWS,
+                          split >= NUM_SPLITS, N_OUT, swo, GROUP * HD, BLOCK_R, BLOCK_C)
     if not NEW_KV:
         pdl_wait(PDL)  # the kernel before may have written any cache row (kernels.pdl)
     q_row = tl.load(qsl_ptr + b)
@@ -256,8 +256,9 @@ def _publish(flag, WO: tl.constexpr):
 @triton.jit
 def _wo_tile(wo_ptr, kvh, first, is_wo, N_OUT, swo, WIDTH, BLOCK_R: tl.constexpr,
              BLOCK_C: tl.constexpr):
-    """Rows first.. first + BLOCK_R - 1 of wo, the WIDTH columns that meet kv head kvh's
-    output; nothing loaded unless is_wo. Weights: safe to read before the PDL wait."""
+    """Rows first.. first + BLOCK_R - 1 of wo (first >= 0), the WIDTH columns that meet kv
+    head kvh's output; nothing loaded unless is_wo. Weights: safe to read before the PDL
+    wait."""
     rows = first + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_C)
     mask = (rows[:, None] < tl.where(is_wo, N_OUT, 0)) & (cols[None, :] < WIDTH)
