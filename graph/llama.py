@@ -13,7 +13,7 @@ import torch
 from graph.config import LlamaConfig
 from kernels.attention import NewTokens, paged_attention
 from kernels.gate_up_silu import gate_up_silu
-from kernels.linear import SplitPartials, cpu_layout, linear
+from kernels.linear import cpu_layout, linear
 from kernels.rmsnorm import rmsnorm
 from kernels.rotary import rope_tables
 
@@ -127,17 +127,16 @@ class LlamaModel:
     def _block(self, w, hidden, residual, meta, kv_cache, sum_w2_later=False):
         c = self.config
         x, residual = rmsnorm(hidden, w["attention_norm"], c.rms_norm_eps, residual)
-        attn = self._attention(linear(x, w["attention.wqkv"]), meta, kv_cache, w["attention.wo"])
-        hidden = attn if isinstance(attn, SplitPartials) else linear(attn, w["attention.wo"],
-                                                                     sum_later=True)
+        attn = self._attention(linear(x, w["attention.wqkv"]), meta, kv_cache)
+        hidden = linear(attn, w["attention.wo"], sum_later=True)
         x, residual = rmsnorm(hidden, w["ffn_norm"], c.rms_norm_eps, residual)
         hidden = linear(gate_up_silu(x, w["feed_forward.w13"]), w["feed_forward.w2"],
                         sum_later=sum_w2_later)
         return hidden, residual
 
-    def _attention(self, qkv, meta, kv_cache, wo):
+    def _attention(self, qkv, meta, kv_cache):
         """Attention of this step's tokens over the paged cache (their k and v written into it
-        first); [T, q_size], or the decode kernel's wo projection of it (SplitPartials)."""
+        first); [T, q_size]."""
         c = self.config
         tokens = qkv.shape[0]
         q = qkv[:, :c.q_size].view(tokens, c.num_attention_heads, c.head_dim)
@@ -147,8 +146,8 @@ class LlamaModel:
         new = NewTokens(k, v, meta.positions, meta.slot_mapping, cos, sin)
         attn = paged_attention(q, *kv_cache, meta.block_tables, meta.seq_lens,
                                meta.query_start_loc, meta.max_query_len, self.scale,
-                               meta.max_seq_len, new=new, wo=wo)
-        return attn if isinstance(attn, SplitPartials) else attn.reshape(tokens, c.q_size)
+                               meta.max_seq_len, new=new)
+        return attn.reshape(tokens, c.q_size)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Head projection of the given rows, as float32 [rows, vocab]."""

@@ -51,14 +51,14 @@ def _write_new_tokens(write, q, new: NewTokens | None, k_cache, v_cache):
 
 
 def paged_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
-                           max_query_len, scale, max_seq_len=None, new=None, wo=None):
+                           max_query_len, scale, max_seq_len=None, new=None):
     for t in (q, k_cache, v_cache):
         assert t.stride(-1) == 1, "paged_attention needs unit stride in the last dimension"
     if q.shape[0] == 0:
         return torch.empty(q.shape, device=q.device, dtype=q.dtype)
     if max_query_len == 1:
         return paged_decode_triton(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
-                                   scale, max_seq_len, new=new, wo=wo)
+                                   scale, max_seq_len, new=new)
     _write_new_tokens(rotary_cache_write_triton, q, new, k_cache, v_cache)
     return paged_prefill_triton(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
                                 max_query_len, scale)
@@ -66,14 +66,12 @@ def paged_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, query_st
 
 def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
                     max_query_len: int, scale: float, max_seq_len=None,
-                    new: NewTokens | None = None, wo: torch.Tensor | None = None):
+                    new: NewTokens | None = None):
     """q [T, n_heads, hd]; caches [num_blocks, block_size, n_kv, hd] -> out [T, n_heads, hd].
-    With new, q is taken unrotated and may be overwritten. Given the wo weight, the GPU decode
-    kernel may return the wo projection instead, as SplitPartials (kernels.attention_decode);
-    callers check which they got."""
+    With new, q is taken unrotated and may be overwritten."""
     if use_triton(q):
         return paged_attention_triton(q, k_cache, v_cache, block_tables, seq_lens,
-                                      query_start_loc, max_query_len, scale, max_seq_len, new, wo)
+                                      query_start_loc, max_query_len, scale, max_seq_len, new)
     _write_new_tokens(rotary_cache_write_ref, q, new, k_cache, v_cache)
     return paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
                                max_query_len, scale, max_seq_len)

@@ -17,7 +17,6 @@ later steps and folds them in from registers. No rotary launch runs before this 
 cache rows it reads are older than the kernel before it (the QKV GEMV), so the first block of
 them is loaded before the PDL wait. The block table may be int32 or int64 with any strides: the
 decode graphs pass a transposed view of their packed input (no copy per step)."""
-import os
 from typing import NamedTuple
 
 import torch
@@ -26,8 +25,7 @@ import triton.language as tl
 
 from .arrival import arrival_counters, is_last_arrival
 from .attention_block import attend_kv_block, fold_kv_block, load_kv_block
-from .dispatch import dot_precision, interpreting, sm_count, switched_on, tune
-from .linear import SplitPartials
+from .dispatch import dot_precision, interpreting, sm_count, tune
 from .pdl import pdl_args, pdl_release, pdl_wait
 from .rotary import rotate_pair
 
@@ -131,21 +129,16 @@ def _new_kv(k_row, v_row, kc_head, vc_head, slot, writes, kcb, kcr, vcb, vcr, bl
 @triton.jit
 def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, qsl_ptr, out_ptr, po_ptr,
                          plse_ptr, counter_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr,
-                         wo_ptr, wpart_ptr, sqt, sqh, skt, skh, svt, svh, s_cos, kcb, kcr, kch, vcb,
-                         vcr, vch, s_table, s_tcol, sot, soh, swo, scale_log2, chunk_len,
-                         block_size, n_heads, GROUP, HD, NUM_SPLITS, N_OUT, WO_BLOCKS, WO_ROWS,
-                         BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                         SPLIT: tl.constexpr, DOT_PREC: tl.constexpr, NEW_KV: tl.constexpr,
-                         PDL: tl.constexpr, WO: tl.constexpr, BLOCK_R: tl.constexpr,
-                         BLOCK_C: tl.constexpr):
+                         sqt, sqh, skt, skh, svt, svh, s_cos, kcb, kcr, kch, vcb, vcr, vch, s_table,
+                         s_tcol, sot, soh, scale_log2, chunk_len, block_size, n_heads, GROUP, HD,
+                         NUM_SPLITS, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+                         BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, DOT_PREC: tl.constexpr,
+                         NEW_KV: tl.constexpr, PDL: tl.constexpr):
+    if not NEW_KV:
+        pdl_wait(PDL)  # the kernel before may have written any cache row (kernels.pdl)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
-    if WO:  # a wo program's weight tile streams in while the kernel before finishes
-        w_tile = _wo_tile(wo_ptr, kvh, tl.maximum(split - NUM_SPLITS, 0) * WO_ROWS,
-                          split >= NUM_SPLITS, N_OUT, swo, GROUP * HD, BLOCK_R, BLOCK_C)
-    if not NEW_KV:
-        pdl_wait(PDL)  # the kernel before may have written any cache row (kernels.pdl)
     q_row = tl.load(qsl_ptr + b)
     n_q = tl.load(qsl_ptr + b + 1) - q_row
     seq_len = tl.load(lens_ptr + b)
@@ -154,8 +147,7 @@ def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, qsl_ptr, ou
     if NEW_KV:
         cached = seq_len - 1
     start = split * chunk_len
-    # with WO, programs NUM_SPLITS.. of the grid's last axis are the wo programs below
-    active = (n_q > 0) & (start < seq_len) & (split < NUM_SPLITS)
+    active = (n_q > 0) & (start < seq_len)
     h = tl.arange(0, BLOCK_H)
     heads = kvh * GROUP + h
     hmask = h < GROUP
@@ -163,9 +155,6 @@ def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, qsl_ptr, ou
     dmask = d < HD
     omask = hmask[:, None] & dmask[None, :]
     table = table_ptr + b.to(tl.int64) * s_table
-    # with WO (one sequence): after the attention counters, a flag per kv head that says its
-    # output is written, then a count of the wo programs that have read it
-    wo_flag = counter_ptr + tl.num_programs(1) + kvh
     # The first block of the first chunk. With new tokens, the kernel before (the QKV GEMV)
     # writes only q, k and v: the graph's inputs, the rotary tables and the cache rows below
     # the new position are older, so they are read before the PDL wait.
@@ -231,73 +220,10 @@ def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, qsl_ptr, ou
                     merged = _merge_partials(po_ptr, plse_ptr, parts, n_valid, hmask, d, dmask,
                                              n_heads, HD, BLOCK_H, BLOCK_D)
                     tl.store(out, merged.to(out_ptr.dtype.element_ty), mask=omask)
-                    _publish(wo_flag, WO)
             else:
                 tl.store(out, o.to(out_ptr.dtype.element_ty), mask=omask)
-                _publish(wo_flag, WO)
         else:
             tl.store(out, o.to(out_ptr.dtype.element_ty), mask=omask)
-            _publish(wo_flag, WO)
-    if WO:
-        if split >= NUM_SPLITS:
-            _wo_program(w_tile, wo_ptr, wpart_ptr, out_ptr, wo_flag, wo_flag + tl.num_programs(1),
-                        q_row, kvh, (split - NUM_SPLITS) * WO_ROWS, WO_ROWS, N_OUT, sot, swo,
-                        GROUP * HD, WO_BLOCKS, PDL, BLOCK_R, BLOCK_C)
-
-
-@triton.jit
-def _publish(flag, WO: tl.constexpr):
-    """Tell this kv head's wo programs that its output rows are written."""
-    if WO:
-        tl.debug_barrier()  # every thread's stores of out before the release
-        tl.atomic_xchg(flag, 1, sem="release", scope="gpu")
-
-
-@triton.jit
-def _wo_tile(wo_ptr, kvh, first, is_wo, N_OUT, swo, WIDTH, BLOCK_R: tl.constexpr,
-             BLOCK_C: tl.constexpr):
-    """Rows first.. first + BLOCK_R - 1 of wo (first >= 0), the WIDTH columns that meet kv
-    head kvh's output; nothing loaded unless is_wo. Weights: safe to read before the PDL
-    wait."""
-    rows = first + tl.arange(0, BLOCK_R)
-    cols = tl.arange(0, BLOCK_C)
-    mask = (rows[:, None] < tl.where(is_wo, N_OUT, 0)) & (cols[None, :] < WIDTH)
-    return tl.load(wo_ptr + rows[:, None].to(tl.int64) * swo + kvh * WIDTH + cols[None, :],
-                   mask=mask, other=0.0)
-
-
-@triton.jit
-def _wo_program(w_tile, wo_ptr, wpart_ptr, out_ptr, flag, done, q_row, kvh, first, WO_ROWS, N_OUT,
-                sot, swo, WIDTH, WO_BLOCKS, PDL: tl.constexpr, BLOCK_R: tl.constexpr,
-                BLOCK_C: tl.constexpr):
-    """A wo program's partial: rows first.. first + WO_ROWS - 1 of wo times kv head kvh's
-    attention output, once the attention program that writes that output has raised the flag.
-    The first BLOCK_R rows (w_tile) were loaded at the kernel's start, so they streamed while
-    the kernel before ran. One fp32 partial per kv head (SplitPartials). The attention
-    programs come first in the grid's launch order (and in the interpreter's), so the one that
-    raises the flag never waits for a slot that a spinning wo program holds. The kernel's PDL
-    wait has been passed already."""
-    ready = tl.atomic_add(flag, 0, sem="acquire", scope="gpu")
-    while ready == 0:
-        ready = tl.atomic_add(flag, 0, sem="acquire", scope="gpu")
-    cols = tl.arange(0, BLOCK_C)
-    # .cg reads L2: the attention program of another SM wrote these rows
-    o = tl.load(out_ptr + q_row.to(tl.int64) * sot + kvh * WIDTH + cols, mask=cols < WIDTH,
-                other=0.0, cache_modifier=".cg").to(tl.float32)
-    end = tl.minimum(first + WO_ROWS, N_OUT)
-    for r0 in range(first + BLOCK_R, end, BLOCK_R):
-        w = _wo_tile(wo_ptr, kvh, r0, r0 < end, end, swo, WIDTH, BLOCK_R, BLOCK_C)
-        _store_wo_rows(w, o, wpart_ptr + kvh * N_OUT, r0, end, BLOCK_R)
-    pdl_release(PDL)
-    _store_wo_rows(w_tile, o, wpart_ptr + kvh * N_OUT, first, end, BLOCK_R)
-    if is_last_arrival(done, WO_BLOCKS):
-        tl.store(flag, 0)  # every wo program of this kv head is past its spin
-
-
-@triton.jit
-def _store_wo_rows(w, o, part, first, end, BLOCK_R: tl.constexpr):
-    rows = first + tl.arange(0, BLOCK_R)
-    tl.store(part + rows, tl.sum(w.to(tl.float32) * o[None, :], axis=1), mask=rows < end)
 
 
 def decode_splits(device, batch, n_kv, max_len):
@@ -321,12 +247,7 @@ class NewTokens(NamedTuple):
 
 
 def paged_decode_triton(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
-                        max_seq_len=None, num_splits=None, new: NewTokens | None = None,
-                        wo: torch.Tensor | None = None):
-    """The attention output [T, n_heads, hd]; or, given the wo weight [hidden, n_heads * hd],
-    with one sequence of one query row and LLAMA_TRITON_ATTN_WO=1, the wo projection of it as
-    SplitPartials (one fp32 partial per kv head, which the next RMSNorm sums): extra programs
-    of this launch multiply wo by each kv head's output once it is written."""
+                        max_seq_len=None, num_splits=None, new: NewTokens | None = None):
     B = seq_lens.shape[0]
     _, n_heads, hd = q.shape
     block_size, n_kv = k_cache.shape[1], k_cache.shape[2]
@@ -338,49 +259,18 @@ def paged_decode_triton(q, k_cache, v_cache, block_tables, seq_lens, query_start
     # laid out [sequence, split, head], so a split's rows for one kv head's group are adjacent
     part_o = torch.empty((B, splits, n_heads, hd), device=q.device, dtype=torch.float32)
     part_lse = torch.empty((B, splits, n_heads), device=q.device, dtype=torch.float32)
+    counters = arrival_counters(q.device, B * n_kv)
     fresh, fresh_strides = _new_token_args(new, q)
-    fused = wo is not None and B == 1 and q.shape[0] == 1 and switched_on("LLAMA_TRITON_ATTN_WO",
-                                                                         False)
-    wo_args = _wo_args(wo, n_kv, group * hd, q.device) if fused else (q, out, 0, 1, 1, 1, 1, 1)
-    counters = arrival_counters(q.device, 3 * n_kv if fused else B * n_kv)
-    wo_weight, wo_parts, swo, n_out, wo_blocks, wo_rows, block_r, block_c = wo_args
-    _decode_split_kernel[(B, n_kv, splits + (wo_blocks if fused else 0))](
+    _decode_split_kernel[(B, n_kv, splits)](
         q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, part_o, part_lse,
-        counters, *fresh, wo_weight, wo_parts, q.stride(0), q.stride(1), *fresh_strides,
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0),
-        v_cache.stride(1), v_cache.stride(2), block_tables.stride(0), block_tables.stride(1),
-        out.stride(0), out.stride(1), swo, scale * LOG2E, chunk_len, block_size, n_heads, group,
-        hd, splits, n_out, wo_blocks, wo_rows, BLOCK_H=max(16, triton.next_power_of_2(group)),
-        BLOCK_D=triton.next_power_of_2(hd), SPLIT=splits > 1, DOT_PREC=dot_precision(q.dtype),
-        NEW_KV=new is not None, WO=fused, BLOCK_R=block_r, BLOCK_C=block_c,
+        counters, *fresh, q.stride(0), q.stride(1), *fresh_strides, k_cache.stride(0),
+        k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
+        v_cache.stride(2), block_tables.stride(0), block_tables.stride(1), out.stride(0),
+        out.stride(1), scale * LOG2E, chunk_len, block_size, n_heads, group, hd, splits,
+        BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_D=triton.next_power_of_2(hd),
+        SPLIT=splits > 1, DOT_PREC=dot_precision(q.dtype), NEW_KV=new is not None,
         **pdl_args(q.device))
-    return SplitPartials(wo_parts, q.dtype) if fused else out
-
-
-WO_TILE = 8192  # weight elements a wo program holds: 16 KB in bf16
-
-
-def _wo_tiles() -> int:
-    """Row tiles per wo program: 1, or LLAMA_TRITON_ATTN_WO_TILES (A/B runs): fewer programs,
-    each streaming its later tiles after the flag."""
-    value = os.environ.get("LLAMA_TRITON_ATTN_WO_TILES", "1")
-    if not (value.isdigit() and int(value) >= 1):
-        raise ValueError(f"LLAMA_TRITON_ATTN_WO_TILES={value!r} is not a whole number >= 1")
-    return int(value)
-
-
-def _wo_args(wo: torch.Tensor, n_kv: int, group_width: int, device) -> tuple:
-    """(weight, partials [n_kv, 1, hidden] fp32, row stride, hidden, programs per kv head,
-    BLOCK_R, BLOCK_C) of the wo programs. out's heads are contiguous, so kv head h's output
-    meets columns h * group_width.. of wo."""
-    assert wo.shape[1] == n_kv * group_width and wo.stride(-1) == 1, \
-        "wo must be [hidden, n_heads * head_dim] with unit column stride"
-    hidden = wo.shape[0]
-    block_c = triton.next_power_of_2(group_width)
-    block_r = max(16, WO_TILE // block_c)
-    rows = block_r * _wo_tiles()
-    parts = torch.empty((n_kv, 1, hidden), device=device, dtype=torch.float32)
-    return wo, parts, wo.stride(0), hidden, triton.cdiv(hidden, rows), rows, block_r, block_c
+    return out
 
 
 def _new_token_args(new: NewTokens | None, q: torch.Tensor) -> tuple[tuple, tuple]:

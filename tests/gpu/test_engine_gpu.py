@@ -79,22 +79,6 @@ def test_switches_that_change_no_bit(hf_and_dir, monkeypatch, switch):
     assert torch.equal(runs["1"][1], runs["0"][1]) and torch.equal(runs["1"][2], runs["0"][2])
 
 
-def test_attention_with_wo_gives_the_same_tokens(hf_and_dir, monkeypatch):
-    # LLAMA_TRITON_ATTN_WO=1: one sequence's decode attention projects its output through wo in
-    # the same launch (kernels.attention_decode), summed in another order than the split-K
-    # GEMV's; in fp32 the greedy tokens and the step logits stay those of the separate GEMV
-    _, model_dir = hf_and_dir
-    prompt = _ids(30, seed=4)
-    runs = {}
-    for mode in ("0", "1"):
-        monkeypatch.setenv("LLAMA_TRITON_ATTN_WO", mode)
-        gen = LlamaGenerator(model_dir, device="cuda", dtype="float32")
-        assert gen.engine.graphs is not None
-        runs[mode] = gen.generate_ids(prompt, 40), _step_logits(gen.engine, prompt, 12)
-    assert runs["1"][0] == runs["0"][0]
-    assert _rel(runs["1"][1], runs["0"][1]) < 1e-5
-
-
 def test_graph_and_eager_decode_give_the_same_tokens(hf_and_dir):
     # fp32: the graph's attention is split for its fixed max length and eager's for the real
     # one, a different summation order that can flip a near-tie greedy token in bf16

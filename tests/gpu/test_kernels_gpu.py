@@ -273,37 +273,6 @@ def _new_tokens(q, bt, sl, qsl, n_kv, block_size=16, max_positions=4096):
     return NewTokens(kv[:, 0], kv[:, 1], pos, slots, cos, sin)
 
 
-@pytest.mark.parametrize("seq_len", [16, 300, 2000])  # one split with work; several, merged
-@pytest.mark.parametrize("tiles", ["1", "4"])
-def test_paged_decode_with_wo_in_cuda_graph(monkeypatch, seq_len, tiles):
-    """8B shapes, LLAMA_TRITON_ATTN_WO=1: the decode kernel's wo programs give the wo GEMV of
-    its attention output (one fp32 partial per kv head), eagerly and replayed in a CUDA graph
-    with PDL, run after run, with every flag and counter left at zero."""
-    monkeypatch.setenv("LLAMA_TRITON_ATTN_WO", "1")
-    monkeypatch.setenv("LLAMA_TRITON_ATTN_WO_TILES", tiles)
-    q, kc, vc, bt, sl, qsl = _paged_batch([seq_len], [1], 32, 8, 128, torch.bfloat16)
-    new = _new_tokens(q, bt, sl, qsl, 8)
-    wo = (torch.randn(4096, 4096, device=DEV) / 64).to(torch.bfloat16)
-    attn = paged_decode_triton(q.clone(), kc.clone(), vc.clone(), bt, sl, qsl, 128 ** -0.5, 4096,
-                               new=new)
-    want = attn.reshape(1, -1).double() @ wo.double().T
-
-    def fused():
-        return paged_decode_triton(q, kc, vc, bt, sl, qsl, 128 ** -0.5, 4096, new=new, wo=wo)
-
-    first = fused()
-    assert first.parts.shape == (8, 1, 4096)
-    assert rel_err(first.parts.sum(0), want) < 1e-5
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = fused()
-    for _ in range(5):
-        g.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(out.parts, first.parts)
-    assert _decode_counters_at_zero()
-
-
 @pytest.mark.parametrize("batch", [1, 3, 8])
 @pytest.mark.parametrize("splits", [None, 32])
 @pytest.mark.parametrize("n_heads,n_kv", [(32, 8), (32, 32)])

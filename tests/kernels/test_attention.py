@@ -6,7 +6,6 @@ from conftest import TOL, rel_err
 from kernels.attention import paged_attention, paged_attention_ref, paged_attention_triton
 from kernels import arrival, attention_decode
 from kernels.attention_decode import NewTokens, paged_decode_triton
-from kernels.linear import SplitPartials
 from kernels.rotary import rope_tables, rotary_cache_write_ref, rotary_cache_write_triton
 
 
@@ -253,52 +252,3 @@ def test_public_attention_writes_new_tokens_on_every_path(monkeypatch):
         out = fn(q.clone(), got_kc, got_vc, bt, lens, qsl, 3, 0.125, None, new)
         assert rel_err(out, ref) < TOL[torch.float32]
         assert rel_err(got_kc, kc_ref) < TOL[torch.float32] and torch.equal(got_vc, vc_ref)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("seq_len", [9, 40])  # one split with work; three, merged by the last
-@pytest.mark.parametrize("tiles", ["1", "2", "3"])  # 72 rows in tiles of 32: 3, 2 or 1 programs
-def test_decode_with_wo_returns_its_projection(monkeypatch, dtype, seq_len, tiles):
-    """One sequence, one query row, LLAMA_TRITON_ATTN_WO=1: the kernel's wo programs multiply
-    each kv head's output by its columns of wo, one fp32 partial per kv head; their sum is the
-    wo GEMV of the attention output, the cache is written as without them, and every counter
-    and flag is back at zero."""
-    monkeypatch.setenv("LLAMA_TRITON_ATTN_WO", "1")
-    monkeypatch.setenv("LLAMA_TRITON_ATTN_WO_TILES", tiles)
-    q, kc, vc, bt, lens, qsl = make_batch([seq_len], [1], 8, 2, 64, 8, dtype)
-    new = new_tokens_for(q, bt, lens, qsl, 8, 2)
-    wo = torch.randn(72, 8 * 64, dtype=dtype) / 20  # 72 rows: a ragged last block of rows
-    plain_caches = kc.clone(), vc.clone()
-    attn = paged_decode_triton(q.clone(), *plain_caches, bt, lens, qsl, 0.125, 64, num_splits=4,
-                               new=new)
-    got = paged_decode_triton(q, kc, vc, bt, lens, qsl, 0.125, 64, num_splits=4, new=new, wo=wo)
-    assert isinstance(got, SplitPartials) and got.parts.shape == (2, 1, 72)
-    assert got.dtype == dtype and got.parts.dtype == torch.float32
-    want = attn.reshape(1, -1).double() @ wo.double().T
-    assert rel_err(got.parts.sum(0), want) < 1e-6
-    assert torch.equal(kc, plain_caches[0]) and torch.equal(vc, plain_caches[1])
-    assert counters_at_zero(torch.device("cpu"))
-
-
-def test_decode_with_wo_only_for_one_row_when_switched_on(monkeypatch):
-    q, kc, vc, bt, lens, qsl = make_batch([9, 12], [1, 1], 8, 2, 64, 8, torch.float32)
-    wo = torch.randn(32, 8 * 64)
-    monkeypatch.setenv("LLAMA_TRITON_ATTN_WO", "1")
-    two = paged_decode_triton(q, kc, vc, bt, lens, qsl, 0.125, 64, wo=wo)
-    assert isinstance(two, torch.Tensor) and two.shape == q.shape  # two sequences: no wo
-    one = make_batch([9], [1], 8, 2, 64, 8, torch.float32)
-    monkeypatch.setenv("LLAMA_TRITON_ATTN_WO", "0")
-    assert isinstance(paged_decode_triton(*one, 0.125, 64, wo=wo), torch.Tensor)
-    monkeypatch.setenv("LLAMA_TRITON_ATTN_WO", "1")
-    with pytest.raises(AssertionError, match="wo must be"):
-        paged_decode_triton(*one, 0.125, 64, wo=wo[:, :100])
-
-
-@pytest.mark.parametrize("value", ["0", "-1", "two", ""])
-def test_wo_tiles_that_are_not_a_count_are_named(monkeypatch, value):
-    monkeypatch.setenv("LLAMA_TRITON_ATTN_WO", "1")
-    monkeypatch.setenv("LLAMA_TRITON_ATTN_WO_TILES", value)
-    one = make_batch([9], [1], 8, 2, 64, 8, torch.float32)
-    with pytest.raises(ValueError) as err:
-        paged_decode_triton(*one, 0.125, 64, wo=torch.randn(32, 8 * 64))
-    assert f"LLAMA_TRITON_ATTN_WO_TILES={value!r} is not a whole number >= 1" in str(err.value)

@@ -41,13 +41,3 @@ def test_interpreted_kernels_give_the_reference_tokens(model_dir, reference, mon
     got = gen.logits(PROMPT)
     assert ((got - want_logits).norm() / want_logits.norm()).item() < 1e-5
     assert gen.generate_ids(PROMPT, 6) == want_ids
-
-
-def test_interpreted_attention_with_wo_gives_the_reference_tokens(model_dir, reference,
-                                                                   monkeypatch):
-    # one sequence decoding: the decode attention kernel's extra programs project its output
-    # through wo and hand the partials to the next RMSNorm (kernels.attention_decode)
-    _run_kernels_on_the_cpu(monkeypatch)
-    monkeypatch.setenv("LLAMA_TRITON_ATTN_WO", "1")
-    gen = LlamaGenerator(model_dir, device="cpu", cuda_graphs=False)
-    assert gen.generate_ids(PROMPT, 6) == reference[0]

@@ -161,7 +161,7 @@ BF16 = ("q_ptr", "kc_ptr", "vc_ptr", "out_ptr", "k_ptr", "v_ptr")
 attention = {}
 for new_kv in (False, True):
     const = dict(BLOCK_H=16, BLOCK_D=64, BLOCK_N=64, SPLIT=True, DOT_PREC="tf32",
-                 NEW_KV=new_kv, PDL=True, WO=False, BLOCK_R=32, BLOCK_C=256)
+                 NEW_KV=new_kv, PDL=True)
     sig = {n: ("*fp32" if n in FP32 else B if n in BF16 else "*i32") if n.endswith("_ptr")
            else "fp32" if n == "scale_log2" else "i32"
            for n in inspect.signature(attn.fn.fn).parameters if n not in const}
