@@ -24,13 +24,20 @@ def main(argv=None):
     print(f"{torch.cuda.get_device_name(device)}; {args.switch} in {args.values}")
     print("| shape | setting | decode tok/s | via scheduler tok/s | replay ms |")
     print("| --- | --- | --- | --- | --- |")
-    for shape in args.shapes:
-        for _ in range(args.rounds):
-            for value in args.values:
-                os.environ[args.switch] = value
-                r = ours.measure(SHAPES[shape], device, decode_only=True)
-                print(f"| {shape} | {args.switch}={value} | {r['decode']:.1f} | "
-                      f"{r['decode_scheduler']:.1f} | {r['replay_ms']:.4f} |", flush=True)
+    before = os.environ.get(args.switch)
+    try:
+        for shape in args.shapes:
+            for _ in range(args.rounds):
+                for value in args.values:
+                    os.environ[args.switch] = value
+                    r = ours.measure(SHAPES[shape], device, decode_only=True)
+                    print(f"| {shape} | {args.switch}={value} | {r['decode']:.1f} | "
+                          f"{r['decode_scheduler']:.1f} | {r['replay_ms']:.4f} |", flush=True)
+    finally:  # a caller in the same process gets the switch back as it was
+        if before is None:
+            os.environ.pop(args.switch, None)
+        else:
+            os.environ[args.switch] = before
 
 
 if __name__ == "__main__":

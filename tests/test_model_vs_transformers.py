@@ -66,4 +66,3 @@ def test_batch_equals_each_prompt_alone(pair):
     assert ours.generate(texts, max_new_tokens=12) == [ours.generate(t, max_new_tokens=12)
                                                        for t in texts]
     assert ours.cache.allocator.num_free == ours.cache.num_blocks
-
