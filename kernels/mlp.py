@@ -50,7 +50,7 @@ def _configs():
 
 
 @triton.jit
-def _slice_shares(x_ptr, w13_ptr, w2_ptr, part_ptr, M, H, I, sxm, s13, s2, pid,
+def _slice_shares(x_ptr, w13_ptr, w2_ptr, part_ptr, M, H, I, sxm, s13, s2n, s2j, pid,
                   DOT_PREC: tl.constexpr, PDL: tl.constexpr, SLICE: tl.constexpr,
                   BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr):
     """This program's intermediate columns [pid * SLICE, +SLICE): silu(gate) * up from the fp32
@@ -77,8 +77,8 @@ def _slice_shares(x_ptr, w13_ptr, w2_ptr, part_ptr, M, H, I, sxm, s13, s2, pid,
     share = part_ptr + pid * M * H + rm[:, None] * H
     for n0 in range(0, H, BLOCK_H):
         nn = n0 + rn
-        # the tile's element (j, n) is w2[n, j]: SLICE contiguous columns of each w2 row
-        w = tl.load(w2_ptr + nn[None, :].to(tl.int64) * s2 + rj[:, None],
+        # the tile's element (j, n) is w2[n, j]
+        w = tl.load(w2_ptr + nn[None, :].to(tl.int64) * s2n + rj[:, None].to(tl.int64) * s2j,
                     mask=(nn[None, :] < H) & (rj[:, None] < I), other=0.0)
         acc = tl.dot(y, w, input_precision=DOT_PREC)
         tl.store(share + nn[None, :], acc, mask=(rm[:, None] < M) & (nn[None, :] < H))
@@ -103,14 +103,14 @@ def _sum_shares(part_ptr, out_ptr, M, H, som, pid, n_programs, P_POW2: tl.conste
 @triton.autotune(configs=_configs(), key=["M_BUCKET", "H", "I", "SLICE"])
 @triton.jit
 def _decode_mlp_kernel(x_ptr, w13_ptr, w2_ptr, part_ptr, out_ptr, barrier_ptr, M, H, I, M_BUCKET,
-                       sxm, s13, s2, som, DOT_PREC: tl.constexpr, PDL: tl.constexpr,
+                       sxm, s13, s2n, s2j, som, DOT_PREC: tl.constexpr, PDL: tl.constexpr,
                        SLICE: tl.constexpr, P_POW2: tl.constexpr, RB: tl.constexpr,
                        SHARES: tl.constexpr, SUM: tl.constexpr, BARRIER: tl.constexpr,
                        BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr):
     pid = tl.program_id(0)
     pdl_wait(PDL)
     if SHARES:
-        _slice_shares(x_ptr, w13_ptr, w2_ptr, part_ptr, M, H, I, sxm, s13, s2, pid, DOT_PREC,
+        _slice_shares(x_ptr, w13_ptr, w2_ptr, part_ptr, M, H, I, sxm, s13, s2n, s2j, pid, DOT_PREC,
                       PDL, SLICE, BLOCK_K, BLOCK_H)
     if BARRIER:
         grid_barrier(barrier_ptr, tl.num_programs(0))
@@ -127,7 +127,6 @@ def slice_width(I: int, sms: int) -> int:
 def mlp_decode_triton(x, w13, w2):
     x = x if x.stride(-1) == 1 else x.contiguous()
     w13 = w13 if w13.stride(-1) == 1 else w13.contiguous()
-    w2 = w2 if w2.stride(-1) == 1 else w2.contiguous()
     M, H = x.shape
     I = w13.shape[0] // 2
     width = slice_width(I, sm_count(x.device))
@@ -137,7 +136,7 @@ def mlp_decode_triton(x, w13, w2):
     part = torch.empty((programs, M, H), device=x.device, dtype=torch.float32)
     out = torch.empty((M, H), device=x.device, dtype=x.dtype)
     args = (x, w13, w2, part, out, barrier_state(x.device), M, H, I, triton.next_power_of_2(M),
-            x.stride(0), w13.stride(0), w2.stride(0), out.stride(0))
+            x.stride(0), w13.stride(0), w2.stride(0), w2.stride(1), out.stride(0))
     meta = dict(DOT_PREC=dot_precision(x.dtype), SLICE=width,
                 P_POW2=triton.next_power_of_2(programs), RB=rb)
     if x.is_cuda and not interpreting():
