@@ -12,8 +12,8 @@ import torch
 
 from graph.config import LlamaConfig
 from kernels.attention import NewTokens, paged_attention
+from kernels.gate_up_silu import gate_up_silu
 from kernels.linear import cpu_layout, linear
-from kernels.mlp import mlp
 from kernels.rmsnorm import rmsnorm
 from kernels.rotary import rope_tables
 
@@ -130,7 +130,8 @@ class LlamaModel:
         attn = self._attention(linear(x, w["attention.wqkv"]), meta, kv_cache)
         hidden = linear(attn, w["attention.wo"], sum_later=True)
         x, residual = rmsnorm(hidden, w["ffn_norm"], c.rms_norm_eps, residual)
-        hidden = mlp(x, w["feed_forward.w13"], w["feed_forward.w2"], sum_later=sum_w2_later)
+        hidden = linear(gate_up_silu(x, w["feed_forward.w13"]), w["feed_forward.w2"],
+                        sum_later=sum_w2_later)
         return hidden, residual
 
     def _attention(self, qkv, meta, kv_cache):

@@ -79,22 +79,6 @@ def test_switches_that_change_no_bit(hf_and_dir, monkeypatch, switch):
     assert torch.equal(runs["1"][1], runs["0"][1]) and torch.equal(runs["1"][2], runs["0"][2])
 
 
-def test_fused_mlp_gives_the_two_kernels_tokens(hf_and_dir, monkeypatch):
-    # fp32: the fused MLP sums its shares in another order than the split-K w2 GEMV, so
-    # logits differ by rounding only and greedy tokens not at all, in graphs and eagerly
-    _, model_dir = hf_and_dir
-    prompt = _ids(24, seed=5)
-    runs = {}
-    for mode in ("0", "1"):
-        monkeypatch.setenv("LLAMA_TRITON_FUSED_MLP", mode)
-        for graphs in (True, False):
-            gen = LlamaGenerator(model_dir, device="cuda", dtype="float32", cuda_graphs=graphs)
-            runs[mode, graphs] = (gen.generate_ids(prompt, 32), gen.logits(prompt))
-    want_ids, want_logits = runs["0", True]
-    for ids, logits in runs.values():
-        assert ids == want_ids and _rel(logits, want_logits) < 1e-5
-
-
 def test_graph_and_eager_decode_give_the_same_tokens(hf_and_dir):
     # fp32: the graph's attention is split for its fixed max length and eager's for the real
     # one, a different summation order that can flip a near-tie greedy token in bf16

@@ -6,11 +6,11 @@ import pytest
 
 import graph.llama
 from api.inference import LlamaGenerator
-from kernels import argmax, attention, gate_up_silu, linear, mlp, rmsnorm, rotary, silu_mul
+from kernels import argmax, attention, gate_up_silu, linear, rmsnorm, rotary, silu_mul
 from tests.helpers.tiny_models import make_hf_llama
 from utils.hf_import import convert
 
-KERNEL_MODULES = (argmax, attention, gate_up_silu, linear, mlp, rmsnorm, rotary, silu_mul)
+KERNEL_MODULES = (argmax, attention, gate_up_silu, linear, rmsnorm, rotary, silu_mul)
 PROMPT = [5, 17, 42, 7, 99, 3, 250, 11, 64, 8]  # <= 16 rows: prefill takes the decode GEMVs too
 
 
@@ -33,11 +33,8 @@ def _run_kernels_on_the_cpu(monkeypatch):
     monkeypatch.setattr(graph.llama, "cpu_layout", lambda weight: weight)
 
 
-@pytest.mark.parametrize("fused_mlp", ["0", "1"])
-def test_interpreted_kernels_give_the_reference_tokens(model_dir, reference, monkeypatch,
-                                                       fused_mlp):
+def test_interpreted_kernels_give_the_reference_tokens(model_dir, reference, monkeypatch):
     _run_kernels_on_the_cpu(monkeypatch)
-    monkeypatch.setenv("LLAMA_TRITON_FUSED_MLP", fused_mlp)
     gen = LlamaGenerator(model_dir, device="cpu", cuda_graphs=False)
     assert gen.model.layers[0]["attention.wqkv"].dim() == 2  # the kernels' layout, not the bmm's
     want_ids, want_logits = reference
