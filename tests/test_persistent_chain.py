@@ -73,6 +73,10 @@ def test_error_check_passes_right_outputs_and_catches_wrong_ones():
     chain = fake_chain(x0, *ws)
     chain.y[1].zero_()  # an op that wrote nothing
     assert pc.worst_op_error(chain, x0, *ws) > 0.9
+    tiny = x0 * 1e-30  # a row shrunk past fp32's products: its ops are not judged
+    chain = fake_chain(tiny, *ws)
+    chain.y.zero_()
+    assert pc.worst_op_error(chain, tiny, *ws) == 0.0
 
 
 def test_engine_chain_matches_float64():
