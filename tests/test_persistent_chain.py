@@ -46,15 +46,15 @@ def test_dtype_and_k_tiling_errors():
 
 
 def fake_chain(x0, wqkv, wo, w13, w2):
-    """What a correct launch leaves in the buffers, computed with torch."""
+    """What a correct launch leaves in the buffers, computed with torch in x0's dtype."""
     qkv, o, gu, y = [], [], [], []
     x = x0
     for layer in range(LAYERS):
-        qkv.append(wqkv[layer * NQKV:(layer + 1) * NQKV].float() @ x)
-        o.append(wo[layer * H:(layer + 1) * H].float() @ qkv[-1][:H])
-        gu.append(w13[layer * 2 * I:(layer + 1) * 2 * I].float() @ o[-1])
+        qkv.append(wqkv[layer * NQKV:(layer + 1) * NQKV].to(x.dtype) @ x)
+        o.append(wo[layer * H:(layer + 1) * H].to(x.dtype) @ qkv[-1][:H])
+        gu.append(w13[layer * 2 * I:(layer + 1) * 2 * I].to(x.dtype) @ o[-1])
         h = torch.nn.functional.silu(gu[-1][:I]) * gu[-1][I:]
-        x = w2[layer * H:(layer + 1) * H].float() @ h
+        x = w2[layer * H:(layer + 1) * H].to(x.dtype) @ h
         y.append(x)
     return SimpleNamespace(layers=LAYERS, H=H, I=I, NQKV=NQKV, qkv=torch.stack(qkv),
                            o=torch.stack(o), gu=torch.stack(gu), y=torch.stack(y))
@@ -79,16 +79,10 @@ def test_error_check_passes_right_outputs_and_catches_wrong_ones():
     assert pc.worst_op_error(chain, tiny, *ws) == 0.0
 
 
-def test_engine_chain_matches_float64():
+def test_engine_chain_matches_the_torch_chain():
     ws = weights(torch.float32)
     x0 = torch.randn(H)
-    want = x0.double()
-    for layer in range(LAYERS):
-        q = ws[0][layer * NQKV:(layer + 1) * NQKV].double() @ want
-        o = ws[1][layer * H:(layer + 1) * H].double() @ q[:H]
-        gu = ws[2][layer * 2 * I:(layer + 1) * 2 * I].double() @ o
-        want = ws[3][layer * H:(layer + 1) * H].double() @ (
-            torch.nn.functional.silu(gu[:I]) * gu[I:])
+    want = fake_chain(x0.double(), *(w.double() for w in ws)).y[-1]
     got = pc.engine_chain(x0, *ws, LAYERS)[0].double()
     assert ((got - want).norm() / want.norm()).item() < 1e-4
 
