@@ -28,8 +28,17 @@ class PagedKVCache:
         self.block_size = block_size
         self.num_blocks = num_blocks
         shape = (num_blocks, block_size, n_kv_heads, head_dim)
-        self.layers = [(torch.zeros(shape, dtype=dtype, device=d), torch.zeros(shape, dtype=dtype, device=d))
-                       for d in layer_devices]
+        # one pool per device, [its layers, K or V, *shape]: a kernel that runs every layer
+        # (runtime/persistent_decode.py) finds a layer's K and V at fixed strides from the start
+        devices = list(dict.fromkeys(layer_devices))
+        self.pools = [torch.zeros((layer_devices.count(d), 2, *shape), dtype=dtype, device=d)
+                      for d in devices]
+        taken = [0] * len(devices)
+        self.layers = []
+        for d in layer_devices:
+            i = devices.index(d)
+            self.layers.append(tuple(self.pools[i][taken[i]]))
+            taken[i] += 1
         self.allocator = BlockManager(num_blocks)
 
     @property
