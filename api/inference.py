@@ -10,7 +10,7 @@ from api.model_source import resolve_model_dir
 from api.stop_text import StopTextFilter
 from graph.config import parse_dtype
 from graph.llama import LlamaModel
-from runtime.engine import Engine, Sequence, make_decode_graphs
+from runtime.engine import Sequence, make_engine
 from runtime.kv_cache import PagedKVCache
 from runtime.kv_budget import default_kv_cache_tokens
 from runtime.placement import parse_device, split_layers
@@ -64,8 +64,7 @@ class LlamaGenerator:
             raise ValueError(f"kv_cache_tokens must be >= 1, got {kv_cache_tokens}")
         self.cache = PagedKVCache(-(-tokens // BLOCK_SIZE), BLOCK_SIZE, config.num_key_value_heads,
                                   config.head_dim, self.dtype, layer_devices)
-        graphs = make_decode_graphs(self.model, self.cache) if cuda_graphs else None
-        self.engine = Engine(self.model, self.cache, self.tokenizer.eos_ids, graphs)
+        self.engine = make_engine(self.model, self.cache, self.tokenizer.eos_ids, cuda_graphs)
         self.scheduler_options = dict(max_num_batched_tokens=max_num_batched_tokens,
                                       max_num_seqs=max_num_seqs, lookahead=lookahead)
         self.new_scheduler()   # refuses bad options now rather than at the first request

@@ -9,7 +9,7 @@ import torch
 from bench.random_model import random_state_dict
 from bench.timing import sync, timed
 from graph.llama import LlamaModel
-from runtime.engine import Engine, make_decode_graphs
+from runtime.engine import make_engine
 from runtime.kv_budget import default_kv_cache_tokens
 from runtime.kv_cache import PagedKVCache
 from runtime.sampler import SamplingParams
@@ -25,8 +25,7 @@ def build_engine(config, device, cuda_graphs=True, dtype=torch.bfloat16):
     tokens = default_kv_cache_tokens(config, dtype, layer_devices)
     cache = PagedKVCache(-(-tokens // BLOCK_SIZE), BLOCK_SIZE, config.num_key_value_heads,
                          config.head_dim, dtype, layer_devices)
-    graphs = make_decode_graphs(model, cache) if cuda_graphs else None
-    return Engine(model, cache, eos_ids=[], graphs=graphs)
+    return make_engine(model, cache, eos_ids=[], cuda_graphs=cuda_graphs)
 
 
 def decode_tokens_per_s(engine, prompt_len=16, new_tokens=128, batch=1, seed=0,

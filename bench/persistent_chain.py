@@ -28,18 +28,18 @@ import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from bench.gemm_vs_cublas import device_us
 from bench.shapes import SHAPES
 from kernels.gate_up_silu import gate_up_silu
 from kernels.linear import linear
-
-# Gluon is young and renamed these between triton 3.6 and 3.9
-_cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
-_tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
-_NEW_SMEM_API = gl.constexpr(hasattr(gl.shared_memory_descriptor, "reinterpret"))
+# Gluon renamed these between triton 3.6 and 3.9; the engine's persistent step holds the shims
+from kernels.persistent_decode import NEW_SMEM_API as _NEW_SMEM_API
+from kernels.persistent_decode import cta_barrier as _cta_barrier
+from kernels.persistent_decode import tma_load as _tma_load
+from kernels.persistent_decode import wait_count as _wait_count
 
 X_ROWS_PER_LOAD = 16  # K chunks of the input row copied into shared memory per load
 
@@ -79,13 +79,6 @@ def _loader(wqkv_desc, wo_desc, w13_desc, w2_desc, bufs, ready, empty, L, H: gl.
         it = _load_op(w13_desc, layer * 2 * I, bufs, ready, empty, it, pid, P, 2 * I, H, BN, BK,
                       STAGES)
         it = _load_op(w2_desc, layer * H, bufs, ready, empty, it, pid, P, H, I, BN, BK, STAGES)
-
-
-@gluon.jit
-def _wait_count(counter_ptr, target):
-    seen = gl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
-    while seen < target:
-        seen = gl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
 
 
 @gluon.jit

@@ -11,12 +11,17 @@ The last segment ends with the logits and the greedy tokens on the device.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from graph.llama import BatchMeta, LlamaModel
 from kernels.argmax import argmax
 from runtime.kv_cache import PagedKVCache
 from runtime.prefill_graphs import PrefillGraphs
+
+if TYPE_CHECKING:  # Gluon, imported for real only where the step is built
+    from runtime.persistent_step import PersistentDecode
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 IDS, POSITIONS, SLOTS, SEQ_LENS, TABLES = 0, 1, 2, 3, 4   # rows of the packed input
@@ -56,8 +61,9 @@ class _BucketGraphs:
 
 class DecodeGraphs:
     def __init__(self, model: LlamaModel, cache: PagedKVCache, max_batch: int = 256,
-                 max_seq_len: int | None = None):
+                 max_seq_len: int | None = None, persistent: PersistentDecode | None = None):
         self.model, self.cache = model, cache
+        self.persistent = persistent   # bucket 1's step as one launch, where it runs
         self.buckets = [b for b in BUCKETS if b <= max_batch] or [1]
         self.max_batch = self.buckets[-1]
         self.max_seq_len = min(max_seq_len or model.config.max_position_embeddings,
@@ -99,6 +105,10 @@ class DecodeGraphs:
         """The work of segment `index`: (embed), its layers, (norm + head)."""
         device, start, end = self.model.segments[index]
         inputs = self.inputs[device]
+        if bucket == 1 and self.persistent is not None:   # the model is one segment then
+            packed = inputs.packed
+            logits = self.persistent(*packed[:TABLES, :1], packed[TABLES:, 0], packed.stride(0))
+            return None, None, (logits, argmax(logits))
         if index == 0:
             hidden = self.model.embed_tokens(inputs.ids(bucket))
         hidden, residual = self.model.run_layers(start, end, hidden, residual,

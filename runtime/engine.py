@@ -16,18 +16,30 @@ from kernels.argmax import argmax
 from kernels.dispatch import use_triton
 from runtime.kv_cache import PagedKVCache, SequenceBlocks
 from runtime.launched_step import LaunchedStep
+from runtime.persistent_decode import make_persistent_decode
 from runtime.sampler import SamplingParams, all_plain_greedy, sample
 
-if TYPE_CHECKING:  # imported for real only where graphs are made (CUDA-only code)
+if TYPE_CHECKING:  # imported for real only where graphs or the step are made (CUDA-only code)
     from runtime.cuda_graphs import DecodeGraphs
+    from runtime.persistent_step import PersistentDecode
 
 
-def make_decode_graphs(model: LlamaModel, cache: PagedKVCache) -> "DecodeGraphs | None":
+def make_decode_graphs(model: LlamaModel, cache: PagedKVCache,
+                       persistent: "PersistentDecode | None" = None) -> "DecodeGraphs | None":
     """CUDA graphs for decode when every layer sits on a GPU and runs Triton kernels."""
     if not all(use_triton(torch.empty(0, device=d)) for d in model.devices):
         return None
     from runtime.cuda_graphs import DecodeGraphs
-    return DecodeGraphs(model, cache)
+    return DecodeGraphs(model, cache, persistent=persistent)
+
+
+def make_engine(model: LlamaModel, cache: PagedKVCache, eos_ids: list[int],
+                cuda_graphs: bool = True) -> "Engine":
+    """The engine with the fastest decode step this machine runs: the persistent batch-1 step
+    where it can (graphed or not), CUDA graphs where asked and possible."""
+    persistent = make_persistent_decode(model, cache)
+    graphs = make_decode_graphs(model, cache, persistent) if cuda_graphs else None
+    return Engine(model, cache, eos_ids, graphs, persistent)
 
 
 def make_readback(device: torch.device):
@@ -74,10 +86,12 @@ class Sequence:
 
 class Engine:
     def __init__(self, model: LlamaModel, cache: PagedKVCache, eos_ids: list[int],
-                 graphs: "DecodeGraphs | None" = None):
+                 graphs: "DecodeGraphs | None" = None,
+                 persistent: "PersistentDecode | None" = None):
         self.model = model
         self.cache = cache
         self.graphs = graphs
+        self.persistent = persistent   # batch-1 decode as one launch, where it runs
         self.eos_ids = set(eos_ids)
         self.context = model.config.max_position_embeddings
         self.readback = make_readback(model.last_device)
@@ -127,6 +141,8 @@ class Engine:
                     max_query_len=max(len(t) for t in new_tokens))
 
     def _forward_eager(self, seqs, batch, all_logits) -> torch.Tensor:
+        if self.persistent is not None and len(seqs) == 1 and batch["max_query_len"] == 1:
+            return self._persistent_step(seqs[0], batch)
         device = self.model.first_device
         width = max(len(s.blocks.blocks) for s in seqs)
         tables = [s.blocks.blocks + [0] * (width - len(s.blocks.blocks)) for s in seqs]
@@ -146,6 +162,18 @@ class Engine:
             last_rows = torch.tensor(batch["starts"][1:], device=hidden.device) - 1
             hidden = hidden[last_rows]
         return self.model.logits(hidden)
+
+    def _persistent_step(self, seq, batch) -> torch.Tensor:
+        """One sequence's decode token as one launch: the inputs go up as one int64 row."""
+        ids = batch["ids"]   # a list, or a launched step's token on the device
+        on_device = isinstance(ids, torch.Tensor)
+        row = [0 if on_device else ids[0], batch["positions"][0], batch["slots"][0],
+               batch["lens"][0], *seq.blocks.blocks]
+        packed = torch.tensor(row, dtype=torch.int64).to(self.model.first_device)
+        if on_device:
+            packed[:1].copy_(ids.reshape(-1)[:1])
+        # a copy: the step's own buffer is rewritten by the next step
+        return self.persistent(*packed[:4].split(1), packed[4:], 1).clone()
 
     # ---- generation --------------------------------------------------------------------
     def check_prompt(self, prompt_ids: list[int]) -> None:

@@ -1,15 +1,12 @@
 """bench/persistent_chain.py without a GPU: its shape checks, its error check, the engine-kernel
 chain it times against, and the persistent kernel compiled for sm_90 (through ptxas)."""
-import json
-import os
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from bench import persistent_chain as pc
+from tests.helpers.sm90_compile import compile_for_sm90
 
 H, NQKV, I, LAYERS = 2048, 3072, 4096, 2
 
@@ -93,54 +90,17 @@ def test_benchmark_refuses_without_a_hopper_gpu(monkeypatch):
         pc.main(["--shapes", "1b"])
 
 
-_COMPILE = r"""
-import json, re
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.experimental.gluon import language as gl
-from triton.experimental.gluon._runtime import GluonASTSource
-from bench import persistent_chain as pc
-
-BN, BK = 64, 128
-layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=2)
-fn = pc.persistent_chain_kernel
-names = list(fn.arg_names)
-const = dict(H=2048, NQKV=3072, I=8192, BN=BN, BK=BK, STAGES=8, ROWS=pc.X_ROWS_PER_LOAD,
-             X_CHUNKS=64, num_warps=8)
-sig = {n: f"tensordesc<bf16[{BN}, {BK}],{layout!r}>" if n.endswith("_desc")
-       else "*i32" if n == "counter_ptr" else "*fp32" if n.endswith("_ptr")
-       else "i32" if n == "L" else "constexpr" for n in names}
-attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n.endswith("_ptr")}
-kernel = triton.compile(GluonASTSource(fn, sig, const, attrs=attrs),
-                        target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
-ptx = kernel.asm["ptx"]
-count = lambda pattern: len(re.findall(pattern, ptx))
-print(json.dumps({"tma loads": count(r"cp\.async\.bulk\.tensor\.2d"),
-                  "slot waits": count(r"mbarrier\.try_wait"),
-                  "slot releases": count(r"mbarrier\.arrive"),
-                  "register split": count(r"setmaxnreg"),
-                  # triton 3.9 lowers an unused atomic result to red, a read-only one to ld
-                  "acquire": count(r"(atom|ld)\.global\.gpu\.acquire"),
-                  "release": count(r"(atom|red)\.global\.gpu\.release"),
-                  "partial sums": count(r"(atom|red)\.global\.gpu\.relaxed\.add\.f32"),
-                  "shared": kernel.metadata.shared}))
-"""
-
-
 def test_kernel_compiles_for_sm90_with_a_tma_loader_warp(tmp_path):
     """The kernel only runs on a Hopper GPU (tests/gpu); here it is compiled for one. Its four
     weight streams are TMA loads in the loader partition (one per op), the partitions split the
     registers, and the compute warps wait with acquire loads and release with one atomic per op."""
-    pytest.importorskip("triton.backends.nvidia")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)
-    run = subprocess.run([sys.executable, "-c", _COMPILE], cwd=root, env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    found = json.loads(run.stdout.strip().splitlines()[-1])
+    types = {n: "*fp32" for n in ("x0_ptr", "qkv_ptr", "o_ptr", "gu_ptr", "y_ptr")}
+    found = compile_for_sm90(tmp_path, "bench.persistent_chain", "persistent_chain_kernel",
+                             {**types, "counter_ptr": "*i32", "L": "i32"},
+                             dict(H=2048, NQKV=3072, I=8192, BN=64, BK=128, STAGES=8,
+                                  ROWS=pc.X_ROWS_PER_LOAD, X_CHUNKS=64, num_warps=8))
     assert found["tma loads"] == 4
     assert found["slot waits"] >= 2 and found["slot releases"] >= 1
     assert found["register split"] >= 2
-    assert found["acquire"] >= 1 and found["release"] >= 1 and found["partial sums"] >= 1
+    assert found["acquire"] >= 1 and found["release"] >= 1 and found["f32 atomic adds"] >= 1
     assert found["shared"] <= 227 * 1024

@@ -1,0 +1,473 @@
+"""A whole batch-1 decode step in ONE persistent, warp-specialised Gluon launch (Hopper):
+embedding row -> every layer (RMSNorm, QKV, rotary and the KV-cache write, attention, wo and the
+residual, RMSNorm, gate+up, SiLU, w2 and the residual) -> final RMSNorm -> head logits.
+
+Why one launch: at batch 1 a step reads every weight once, and a chain of ~7 kernels a layer
+pays each kernel's ramp and tail (kernels/NOTES.md, sessions 6-11). Here each program (one per
+SM) runs two partitions:
+- a loader warp walks every weight tile the program owns, op after op and layer after layer,
+  through a ring of shared-memory slots filled by TMA. It waits only for a free slot, never for
+  data, so the next op's weights stream in while the current op, or attention, is finishing;
+- the compute warps wait on a grid-wide counter until an op's input is complete, stage that
+  input row in shared memory (residual add and RMSNorm, or SiLU-and-multiply, on the way), and
+  multiply each weight tile as its mbarrier completes.
+
+An op's tiles are (row block, K chunk) units in row-major order, split into equal contiguous
+ranges. A row block is thus summed by a few consecutive programs; each writes its partial into
+its own slot (its rank among them) and the consumer adds the slots in rank order, so the step is
+deterministic: a CUDA graph and an eager launch give the same bits. The head's row blocks have at
+most two contributors (the launcher checks), whose fp32 atomics on a zeroed row commute exactly.
+
+Activations are rounded to the weights' dtype where the engine's per-op kernels round them (GEMV
+outputs, the residual, the normed row, q/k/v after rotary, attention's output, SiLU's output), so
+both paths compute the same function up to the order of fp32 sums.
+
+Attention of the new token: units of (KV head, chunk of ATTN_CHUNK positions) are spread over all
+programs; each unit covers its query heads (GQA), reads its chunk through the block table, and
+the unit holding the newest position writes that position's k and v into the cache and folds
+them in from registers. With several chunks the last unit of a KV head to arrive combines them.
+
+Status (H200, 2026-12-02): right (tests/gpu) but slower than the per-op kernels, 1.24 ms against
+0.97 a 1B step and 5.15 against 4.44 at 8B, so runtime/persistent_decode.py runs it only when
+LLAMA_TRITON_PERSISTENT=1. Attention costs most: a few programs' latency chain while the rest
+wait. kernels/NOTES.md has the measurements and what comes next.
+"""
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
+
+# Gluon is young and renamed these between triton 3.6 and 3.9
+cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
+tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
+NEW_SMEM_API = gl.constexpr(hasattr(gl.shared_memory_descriptor, "reinterpret"))
+
+ATTN_CHUNK = gl.constexpr(64)     # positions an attention unit reads
+SPLIT_TILE = gl.constexpr(32)     # attention partials the combining program reads at once
+OPS_PER_LAYER = gl.constexpr(5)   # qkv, attention, wo, gate+up, w2: each ends in P releases
+
+
+# ---- shared by both partitions -----------------------------------------------------------
+@gluon.jit
+def unit_range(units: gl.constexpr, pid, P):
+    return units * pid // P, units * (pid + 1) // P
+
+
+@gluon.jit
+def _owner(unit, units: gl.constexpr, P):
+    # the program whose range holds `unit`: the largest p with units * p // P <= unit
+    return ((unit + 1) * P + units - 1) // units - 1
+
+
+# ---- the loader warp -----------------------------------------------------------------------
+@gluon.jit
+def load_op(desc, row0, bufs, ready, empty, it, pid, P, N: gl.constexpr, K: gl.constexpr,
+            BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr):
+    KC: gl.constexpr = K // BK
+    u0, u1 = unit_range((N // BN) * KC, pid, P)
+    for u in range(u0, u1):
+        slot = it % STAGES
+        mbarrier.wait(empty.index(slot), ((it // STAGES) & 1) ^ 1)  # the first lap passes
+        mbarrier.expect(ready.index(slot), desc.block_type.nbytes)
+        tma_load(desc, [row0 + (u // KC) * BN, (u % KC) * BK], ready.index(slot),
+                 bufs.index(slot))
+        it += 1
+    return it
+
+
+@gluon.jit
+def _loader(wqkv_desc, wo_desc, w13_desc, w2_desc, head_desc, bufs, ready, empty, L,
+            H: gl.constexpr, NQKV: gl.constexpr, I: gl.constexpr, V: gl.constexpr,
+            BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr):
+    pid = gl.program_id(0)
+    P = gl.num_programs(0)
+    it = 0
+    for layer in range(L):
+        it = load_op(wqkv_desc, layer * NQKV, bufs, ready, empty, it, pid, P, NQKV, H, BN, BK,
+                     STAGES)
+        it = load_op(wo_desc, layer * H, bufs, ready, empty, it, pid, P, H, H, BN, BK, STAGES)
+        it = load_op(w13_desc, layer * 2 * I, bufs, ready, empty, it, pid, P, 2 * I, H, BN, BK,
+                     STAGES)
+        it = load_op(w2_desc, layer * H, bufs, ready, empty, it, pid, P, H, I, BN, BK, STAGES)
+    load_op(head_desc, 0, bufs, ready, empty, it, pid, P, V, H, BN, BK, STAGES)
+
+
+# ---- grid-wide order -----------------------------------------------------------------------
+@gluon.jit
+def wait_count(counter_ptr, target):
+    seen = gl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
+    while seen < target:
+        seen = gl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
+
+
+@gluon.jit
+def _release(counter_ptr):
+    cta_barrier()  # every thread's stores come before the release below
+    gl.atomic_add(counter_ptr, 1, sem="release", scope="gpu")
+
+
+@gluon.jit
+def _rounded(x, DT: gl.constexpr):
+    return x.to(DT).to(gl.float32)
+
+
+@gluon.jit
+def _slot_sum(slots_ptr, offs, N: gl.constexpr, K: gl.constexpr, BN: gl.constexpr,
+              BK: gl.constexpr, S: gl.constexpr, P):
+    """Elements `offs` of an op's output [N]: its row blocks' partials, added in rank order.
+    A block's writers are the programs from the owner of its first unit to the owner of its
+    last; writer j stored into slot j. Programs between them with no units at all (an op of
+    fewer units than programs) wrote nothing, so their slots are skipped."""
+    KC: gl.constexpr = K // BK
+    units: gl.constexpr = (N // BN) * KC
+    block = offs // BN
+    first = _owner(block * KC, units, P)
+    extra = _owner(block * KC + KC - 1, units, P) - first
+    # .cg: written by other programs, so read from L2, never from a stale L1 line
+    total = gl.load(slots_ptr + offs, cache_modifier=".cg")
+    for j in gl.static_range(1, S):
+        wrote = (extra >= j) & (units * (first + j + 1) // P > units * (first + j) // P)
+        total += gl.load(slots_ptr + j * N + offs, mask=wrote, other=0.0, cache_modifier=".cg")
+    return total
+
+
+# ---- staging an op's input row into shared memory ----------------------------------------------
+@gluon.jit
+def _chunk_offsets(ROWS: gl.constexpr, BK: gl.constexpr, XL: gl.constexpr):
+    rows = gl.arange(0, ROWS, layout=gl.SliceLayout(1, XL))
+    cols = gl.arange(0, BK, layout=gl.SliceLayout(0, XL))
+    return rows[:, None] * BK + cols[None, :]
+
+
+@gluon.jit
+def _stage_normed(prev_ptr, delta_ptr, sum_ptr, norm_ptr, eps, x_smem, keep_r,
+                  HAS_DELTA: gl.constexpr, KEEP_R: gl.constexpr, H: gl.constexpr,
+                  DELTA_K: gl.constexpr, S: gl.constexpr, P, BN: gl.constexpr,
+                  BK: gl.constexpr, ROWS: gl.constexpr, XL: gl.constexpr, DT: gl.constexpr):
+    """x = RMSNorm(prev + delta) * norm into x_smem; the sum is the new residual, which one
+    program (keep_r) stores for the ops after this one."""
+    # runtime loops, not unrolled ones, here and below: this code runs once an op, so its size
+    # costs instruction-cache misses that no loop amortises
+    offs0 = _chunk_offsets(ROWS, BK, XL)
+    squares = gl.zeros([ROWS, BK], gl.float32, XL)
+    for c in range(H // BK // ROWS):
+        offs = c * ROWS * BK + offs0
+        r = gl.load(prev_ptr + offs, cache_modifier=".cg").to(gl.float32)
+        if HAS_DELTA:
+            delta = _rounded(_slot_sum(delta_ptr, offs, H, DELTA_K, BN, BK, S, P), DT)
+            r = _rounded(r + delta, DT)
+        if KEEP_R:
+            gl.store(sum_ptr + offs, r, mask=(offs >= 0) & keep_r)
+        squares += r * r
+        x_smem.index(c).store(r)
+    rstd = gl.rsqrt(gl.sum(gl.sum(squares, axis=1), axis=0) / H + eps)
+    for c in range(H // BK // ROWS):
+        offs = c * ROWS * BK + offs0
+        # each thread reads back the elements it stored itself: no barrier needed before this
+        r = x_smem.index(c).load(XL)
+        w = gl.load(norm_ptr + offs).to(gl.float32)
+        x_smem.index(c).store(_rounded(_rounded(r * rstd, DT) * w, DT))
+    cta_barrier()
+
+
+@gluon.jit
+def _stage_attention_out(attn_ptr, x_smem, H: gl.constexpr, BK: gl.constexpr,
+                         ROWS: gl.constexpr, XL: gl.constexpr):
+    offs0 = _chunk_offsets(ROWS, BK, XL)
+    for c in range(H // BK // ROWS):
+        v = gl.load(attn_ptr + c * ROWS * BK + offs0, cache_modifier=".cg")
+        x_smem.index(c).store(v)
+    cta_barrier()
+
+
+@gluon.jit
+def _stage_silu(gu_slots, x_smem, H: gl.constexpr, I: gl.constexpr, S: gl.constexpr, P,
+                BN: gl.constexpr, BK: gl.constexpr, ROWS: gl.constexpr, XL: gl.constexpr,
+                DT: gl.constexpr):
+    offs0 = _chunk_offsets(ROWS, BK, XL)
+    for c in range(I // BK // ROWS):
+        offs = c * ROWS * BK + offs0
+        gate = _slot_sum(gu_slots, offs, 2 * I, H, BN, BK, S, P)
+        up = _slot_sum(gu_slots, offs + I, 2 * I, H, BN, BK, S, P)
+        x_smem.index(c).store(_rounded(gate / (1.0 + gl.exp(-gate)) * up, DT))
+    cta_barrier()
+
+
+# ---- one GEMV op: this program's weight tiles against the staged row ---------------------------
+@gluon.jit
+def _flush(out_ptr, acc, block, rows, pid, P, N: gl.constexpr, KC: gl.constexpr,
+           units: gl.constexpr, BN: gl.constexpr, ATOMIC: gl.constexpr):
+    part = gl.sum(acc, axis=1)
+    if ATOMIC:
+        gl.atomic_add(out_ptr + block * BN + rows, part, sem="relaxed", scope="gpu")
+    else:
+        rank = pid - _owner(block * KC, units, P)
+        gl.store(out_ptr + rank * N + block * BN + rows, part)
+
+
+@gluon.jit
+def _gemv(out_ptr, x_rows, bufs, ready, empty, it, pid, P, N: gl.constexpr, K: gl.constexpr,
+          BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, ATOMIC: gl.constexpr,
+          TL: gl.constexpr):
+    KC: gl.constexpr = K // BK
+    units: gl.constexpr = (N // BN) * KC
+    u0, u1 = unit_range(units, pid, P)
+    rows = gl.arange(0, BN, layout=gl.SliceLayout(1, TL))
+    acc = gl.zeros([BN, BK], gl.float32, TL)
+    block = u0 // KC
+    for u in range(u0, u1):
+        if u // KC != block:
+            _flush(out_ptr, acc, block, rows, pid, P, N, KC, units, BN, ATOMIC)
+            acc = gl.zeros([BN, BK], gl.float32, TL)
+            block = u // KC
+        slot = it % STAGES
+        mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
+        w = bufs.index(slot).load(TL)
+        cta_barrier()  # every warp has read the slot before the loader may refill it
+        mbarrier.arrive(empty.index(slot))
+        x = x_rows.index(u % KC).load(gl.SliceLayout(0, TL))
+        acc += w.to(gl.float32) * x[None, :]
+        it += 1
+    if u1 > u0:
+        _flush(out_ptr, acc, block, rows, pid, P, N, KC, units, BN, ATOMIC)
+    return it
+
+
+# ---- attention ---------------------------------------------------------------------------------
+@gluon.jit
+def _rotated(qkv_slots, off, d, cos, sin, NQKV: gl.constexpr, H: gl.constexpr,
+             BN: gl.constexpr, BK: gl.constexpr, S: gl.constexpr, P, HALF: gl.constexpr,
+             DT: gl.constexpr):
+    """One head of the QKV output, rounded, rotated (rotate_half pairs) and rounded again."""
+    x1 = _rounded(_slot_sum(qkv_slots, off + d, NQKV, H, BN, BK, S, P), DT)
+    x2 = _rounded(_slot_sum(qkv_slots, off + HALF + d, NQKV, H, BN, BK, S, P), DT)
+    return _rounded(x1 * cos - x2 * sin, DT), _rounded(x2 * cos + x1 * sin, DT)
+
+
+@gluon.jit
+def _combine(kvh, n_split, attn_ptr, acc_ptr, ml_ptr, G: gl.constexpr, D: gl.constexpr,
+             NSPLIT_MAX: gl.constexpr, DT: gl.constexpr, KL: gl.constexpr):
+    """The KV head's query heads from all its chunks' partials, in chunk order."""
+    HALF: gl.constexpr = D // 2
+    d = gl.arange(0, HALF, layout=gl.SliceLayout(0, KL))
+    lanes = gl.arange(0, SPLIT_TILE, layout=gl.SliceLayout(1, KL))
+    for g in range(G):
+        first = kvh * NSPLIT_MAX * G + g   # chunk s's partial is first + s * G
+        m_lane = gl.full([SPLIT_TILE], float("-inf"), gl.float32, gl.SliceLayout(1, KL))
+        for s0 in range(0, n_split, SPLIT_TILE):
+            part = first + (s0 + lanes) * G
+            m_lane = gl.maximum(m_lane, gl.load(ml_ptr + 2 * part, mask=s0 + lanes < n_split,
+                                                other=float("-inf"), cache_modifier=".cg"))
+        m_all = gl.max(m_lane, axis=0)
+        l_lane = gl.zeros([SPLIT_TILE], gl.float32, gl.SliceLayout(1, KL))
+        a1 = gl.zeros([SPLIT_TILE, HALF], gl.float32, KL)
+        a2 = gl.zeros([SPLIT_TILE, HALF], gl.float32, KL)
+        for s0 in range(0, n_split, SPLIT_TILE):
+            ok = s0 + lanes < n_split
+            part = first + (s0 + lanes) * G
+            scale = gl.exp(gl.load(ml_ptr + 2 * part, mask=ok, other=float("-inf"),
+                                   cache_modifier=".cg") - m_all)
+            l_lane += scale * gl.load(ml_ptr + 2 * part + 1, mask=ok, other=0.0,
+                                      cache_modifier=".cg")
+            rows = part[:, None] * D + d[None, :]
+            a1 += scale[:, None] * gl.load(acc_ptr + rows, mask=ok[:, None], other=0.0,
+                                           cache_modifier=".cg")
+            a2 += scale[:, None] * gl.load(acc_ptr + rows + HALF, mask=ok[:, None], other=0.0,
+                                           cache_modifier=".cg")
+        total = gl.sum(l_lane, axis=0)
+        head = (kvh * G + g) * D
+        gl.store(attn_ptr + head + d, _rounded(gl.sum(a1, axis=0) / total, DT))
+        gl.store(attn_ptr + head + HALF + d, _rounded(gl.sum(a2, axis=0) / total, DT))
+
+
+@gluon.jit
+def _attention_unit(kvh, split, n_split, seq_len, pos, slot, qkv_slots, attn_ptr, acc_ptr,
+                    ml_ptr, arrivals_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, table_ptr,
+                    table_stride, scale, P, H: gl.constexpr, NQKV: gl.constexpr,
+                    NH: gl.constexpr, NKV: gl.constexpr, D: gl.constexpr, BN: gl.constexpr,
+                    BK: gl.constexpr, S: gl.constexpr, BS: gl.constexpr,
+                    NSPLIT_MAX: gl.constexpr, DT: gl.constexpr, KL: gl.constexpr):
+    G: gl.constexpr = NH // NKV
+    HALF: gl.constexpr = D // 2
+    d = gl.arange(0, HALF, layout=gl.SliceLayout(0, KL))
+    t = split * ATTN_CHUNK + gl.arange(0, ATTN_CHUNK, layout=gl.SliceLayout(1, KL))
+    cached = t < seq_len - 1       # the newest position comes from registers, not the cache
+    newest_here = split == n_split - 1
+    cos = gl.load(cos_ptr + pos * HALF + d)
+    sin = gl.load(sin_ptr + pos * HALF + d)
+    k1, k2 = _rotated(qkv_slots, NH * D + kvh * D, d, cos, sin, NQKV, H, BN, BK, S, P, HALF, DT)
+    v_off = (NH + NKV) * D + kvh * D
+    v1 = _rounded(_slot_sum(qkv_slots, v_off + d, NQKV, H, BN, BK, S, P), DT)
+    v2 = _rounded(_slot_sum(qkv_slots, v_off + HALF + d, NQKV, H, BN, BK, S, P), DT)
+    dst = slot * (NKV * D) + kvh * D + d
+    write = (d >= 0) & newest_here
+    gl.store(k_ptr + dst, k1.to(DT), mask=write)
+    gl.store(k_ptr + dst + HALF, k2.to(DT), mask=write)
+    gl.store(v_ptr + dst, v1.to(DT), mask=write)
+    gl.store(v_ptr + dst + HALF, v2.to(DT), mask=write)
+
+    block = gl.load(table_ptr + (t // BS) * table_stride, mask=cached, other=0).to(gl.int64)
+    rows = ((block * BS + t % BS) * (NKV * D) + kvh * D)[:, None] + d[None, :]
+    kc1 = gl.load(k_ptr + rows, mask=cached[:, None], other=0.0).to(gl.float32)
+    kc2 = gl.load(k_ptr + rows + HALF, mask=cached[:, None], other=0.0).to(gl.float32)
+    vc1 = gl.load(v_ptr + rows, mask=cached[:, None], other=0.0).to(gl.float32)
+    vc2 = gl.load(v_ptr + rows + HALF, mask=cached[:, None], other=0.0).to(gl.float32)
+    for g in range(G):
+        q1, q2 = _rotated(qkv_slots, (kvh * G + g) * D, d, cos, sin, NQKV, H, BN, BK, S, P,
+                          HALF, DT)
+        scores = (gl.sum(kc1 * q1[None, :], axis=1) + gl.sum(kc2 * q2[None, :], axis=1)) * scale
+        scores = gl.where(cached, scores, float("-inf"))
+        newest = (gl.sum(k1 * q1, axis=0) + gl.sum(k2 * q2, axis=0)) * scale
+        newest = gl.where(newest_here, newest, float("-inf"))
+        m = gl.maximum(gl.max(scores, axis=0), newest)
+        p = gl.exp(scores - m)
+        p_new = gl.exp(newest - m)
+        total = gl.sum(p, axis=0) + p_new
+        a1 = gl.sum(p[:, None] * vc1, axis=0) + p_new * v1
+        a2 = gl.sum(p[:, None] * vc2, axis=0) + p_new * v2
+        if n_split == 1:
+            head = (kvh * G + g) * D
+            gl.store(attn_ptr + head + d, _rounded(a1 / total, DT))
+            gl.store(attn_ptr + head + HALF + d, _rounded(a2 / total, DT))
+        else:
+            part = (kvh * NSPLIT_MAX + split) * G + g
+            gl.store(acc_ptr + part * D + d, a1)
+            gl.store(acc_ptr + part * D + HALF + d, a2)
+            gl.store(ml_ptr + 2 * part, m)
+            gl.store(ml_ptr + 2 * part + 1, total)
+    if n_split > 1:
+        cta_barrier()  # every thread's partials come before the arrival's release
+        if gl.atomic_add(arrivals_ptr + kvh, 1, sem="acq_rel", scope="gpu") == n_split - 1:
+            gl.atomic_xchg(arrivals_ptr + kvh, 0, sem="relaxed", scope="gpu")
+            _combine(kvh, n_split, attn_ptr, acc_ptr, ml_ptr, G, D, NSPLIT_MAX, DT, KL)
+
+
+# ---- the compute partition: every op of the step in order -------------------------------------
+@gluon.jit
+def _compute(ids_ptr, pos_ptr, slot_ptr, len_ptr, table_ptr, table_stride, embed_ptr,
+             attn_norm_ptr, ffn_norm_ptr, final_norm_ptr, cos_ptr, sin_ptr, kv_ptr,
+             layer_stride, v_offset, qkv_slots, wo_slots, gu_slots, w2_slots, res_in_ptr,
+             res_mid_ptr, attn_ptr, acc_ptr, ml_ptr, arrivals_ptr, logits_ptr, counter_ptr, eps,
+             scale, x_smem, bufs, ready, empty, L, H: gl.constexpr, NQKV: gl.constexpr,
+             I: gl.constexpr, V: gl.constexpr, NH: gl.constexpr, NKV: gl.constexpr,
+             D: gl.constexpr, BS: gl.constexpr, NSPLIT_MAX: gl.constexpr, S_QKV: gl.constexpr,
+             S_WO: gl.constexpr, S_GU: gl.constexpr, S_W2: gl.constexpr, BN: gl.constexpr,
+             BK: gl.constexpr, STAGES: gl.constexpr, ROWS: gl.constexpr, TL: gl.constexpr,
+             XL: gl.constexpr, KL: gl.constexpr, ZL: gl.constexpr, DT: gl.constexpr):
+    pid = gl.program_id(0)
+    P = gl.num_programs(0)
+    # the same bytes seen as rows of BK, so that a tile's slice of x is one dynamic index
+    ROW_LAYOUT: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
+    # and as [chunks of ROWS rows, ROWS, BK], so that staging indexes a chunk at run time
+    CHUNK_SHAPE: gl.constexpr = [x_smem.shape[0] // ROWS, ROWS, x_smem.shape[1]]
+    if NEW_SMEM_API:
+        x_rows = x_smem.reinterpret(gl.float32, x_smem.shape, ROW_LAYOUT)
+        x_smem = x_smem.reinterpret(gl.float32, CHUNK_SHAPE, x_smem.layout)
+    else:
+        x_rows = x_smem._reinterpret(gl.float32, x_smem.shape, ROW_LAYOUT)
+        x_smem = x_smem._reinterpret(gl.float32, CHUNK_SHAPE, x_smem.layout)
+    # the head adds into the logits: this program's share is zeroed here, before its first
+    # release, so it is zero long before any program reaches the head
+    lo, hi = unit_range(V, pid, P)
+    zeros_at = gl.arange(0, 1024, layout=ZL)
+    for start in range(lo, hi, 1024):
+        gl.store(logits_ptr + start + zeros_at, gl.zeros([1024], gl.float32, ZL),
+                 mask=start + zeros_at < hi)
+    token = gl.load(ids_ptr)
+    pos = gl.load(pos_ptr)
+    slot = gl.load(slot_ptr)
+    seq_len = gl.load(len_ptr)
+    n_split = (seq_len + ATTN_CHUNK - 1) // ATTN_CHUNK
+    keep_r = pid == 0
+    it = 0
+    for layer in range(L):
+        op = OPS_PER_LAYER * layer
+        wait_count(counter_ptr, P * op)
+        if layer == 0:
+            _stage_normed(embed_ptr + token * H, w2_slots, res_in_ptr, attn_norm_ptr, eps,
+                          x_smem, keep_r, False, True, H, I, S_W2, P, BN, BK, ROWS, XL, DT)
+        else:
+            _stage_normed(res_mid_ptr, w2_slots, res_in_ptr, attn_norm_ptr + layer * H, eps,
+                          x_smem, keep_r, True, True, H, I, S_W2, P, BN, BK, ROWS, XL, DT)
+        it = _gemv(qkv_slots, x_rows, bufs, ready, empty, it, pid, P, NQKV, H, BN, BK, STAGES,
+                   False, TL)
+        _release(counter_ptr)
+
+        wait_count(counter_ptr, P * (op + 1))
+        k_ptr = kv_ptr + layer.to(gl.int64) * layer_stride
+        for unit in range(pid, NKV * n_split, P):
+            _attention_unit(unit % NKV, unit // NKV, n_split, seq_len, pos, slot, qkv_slots,
+                            attn_ptr, acc_ptr, ml_ptr, arrivals_ptr, k_ptr, k_ptr + v_offset,
+                            cos_ptr, sin_ptr, table_ptr, table_stride, scale, P, H, NQKV, NH,
+                            NKV, D, BN, BK, S_QKV, BS, NSPLIT_MAX, DT, KL)
+        _release(counter_ptr)
+
+        wait_count(counter_ptr, P * (op + 2))
+        _stage_attention_out(attn_ptr, x_smem, H, BK, ROWS, XL)
+        it = _gemv(wo_slots, x_rows, bufs, ready, empty, it, pid, P, H, H, BN, BK, STAGES,
+                   False, TL)
+        _release(counter_ptr)
+
+        wait_count(counter_ptr, P * (op + 3))
+        _stage_normed(res_in_ptr, wo_slots, res_mid_ptr, ffn_norm_ptr + layer * H, eps, x_smem,
+                      keep_r, True, True, H, H, S_WO, P, BN, BK, ROWS, XL, DT)
+        it = _gemv(gu_slots, x_rows, bufs, ready, empty, it, pid, P, 2 * I, H, BN, BK, STAGES,
+                   False, TL)
+        _release(counter_ptr)
+
+        wait_count(counter_ptr, P * (op + 4))
+        _stage_silu(gu_slots, x_smem, H, I, S_GU, P, BN, BK, ROWS, XL, DT)
+        it = _gemv(w2_slots, x_rows, bufs, ready, empty, it, pid, P, H, I, BN, BK, STAGES,
+                   False, TL)
+        _release(counter_ptr)
+
+    wait_count(counter_ptr, P * OPS_PER_LAYER * L)
+    _stage_normed(res_mid_ptr, w2_slots, res_mid_ptr, final_norm_ptr, eps, x_smem, keep_r, True,
+                  False, H, I, S_W2, P, BN, BK, ROWS, XL, DT)
+    _gemv(logits_ptr, x_rows, bufs, ready, empty, it, pid, P, V, H, BN, BK, STAGES, True, TL)
+    # the last program out leaves the counter at zero for the next launch (or graph replay)
+    cta_barrier()
+    last = P * (OPS_PER_LAYER * L + 1) - 1
+    if gl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu") == last:
+        gl.atomic_xchg(counter_ptr, 0, sem="relaxed", scope="gpu")
+
+
+@gluon.jit
+def persistent_decode_kernel(
+        wqkv_desc, wo_desc, w13_desc, w2_desc, head_desc, ids_ptr, pos_ptr, slot_ptr, len_ptr,
+        table_ptr, table_stride, embed_ptr, attn_norm_ptr, ffn_norm_ptr, final_norm_ptr,
+        cos_ptr, sin_ptr, kv_ptr, layer_stride, v_offset, qkv_slots, wo_slots, gu_slots,
+        w2_slots, res_in_ptr, res_mid_ptr, attn_ptr, acc_ptr, ml_ptr, arrivals_ptr, logits_ptr,
+        counter_ptr, eps, scale, L, H: gl.constexpr, NQKV: gl.constexpr, I: gl.constexpr,
+        V: gl.constexpr, NH: gl.constexpr, NKV: gl.constexpr, D: gl.constexpr,
+        BS: gl.constexpr, NSPLIT_MAX: gl.constexpr, S_QKV: gl.constexpr, S_WO: gl.constexpr,
+        S_GU: gl.constexpr, S_W2: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
+        STAGES: gl.constexpr, ROWS: gl.constexpr, X_CHUNKS: gl.constexpr,
+        num_warps: gl.constexpr):
+    DT: gl.constexpr = embed_ptr.dtype.element_ty
+    # 16-byte vectors along K: a warp reads two full 256-byte tile rows, free of bank conflicts
+    TL: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [num_warps, 1], [1, 0])
+    XL: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [num_warps, 1], [1, 0])
+    # attention tiles are [positions, D / 2]: 8-element vectors, a warp across the half head
+    KL_COLS: gl.constexpr = D // 16
+    KL: gl.constexpr = gl.BlockedLayout([1, 8], [32 // KL_COLS, KL_COLS], [num_warps, 1], [1, 0])
+    ZL: gl.constexpr = gl.BlockedLayout([4], [32], [num_warps], [0])
+    bufs = gl.allocate_shared_memory(wqkv_desc.dtype, [STAGES, BN, BK], wqkv_desc.layout)
+    x_smem = gl.allocate_shared_memory(gl.float32, [X_CHUNKS, BK],
+                                       gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(ready.index(s), count=1)
+        mbarrier.init(empty.index(s), count=1)
+    fence_async_shared()
+    gl.warp_specialize([
+        (_compute, (ids_ptr, pos_ptr, slot_ptr, len_ptr, table_ptr, table_stride, embed_ptr,
+                    attn_norm_ptr, ffn_norm_ptr, final_norm_ptr, cos_ptr, sin_ptr, kv_ptr,
+                    layer_stride, v_offset, qkv_slots, wo_slots, gu_slots, w2_slots, res_in_ptr,
+                    res_mid_ptr, attn_ptr, acc_ptr, ml_ptr, arrivals_ptr, logits_ptr, counter_ptr,
+                    eps, scale, x_smem, bufs, ready, empty, L, H, NQKV, I, V, NH, NKV, D, BS,
+                    NSPLIT_MAX, S_QKV, S_WO, S_GU, S_W2, BN, BK, STAGES, ROWS, TL, XL, KL, ZL,
+                    DT)),
+        (_loader, (wqkv_desc, wo_desc, w13_desc, w2_desc, head_desc, bufs, ready, empty, L, H,
+                   NQKV, I, V, BN, BK, STAGES)),
+    ], [1], [40])

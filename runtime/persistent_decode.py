@@ -1,0 +1,117 @@
+"""The batch-1 decode step as one persistent launch (kernels/persistent_decode.py), where it can
+run: a Hopper or newer GPU, triton with Gluon, bf16 or fp16 weights, the whole model on one
+device and shapes the kernel tiles. Everywhere else the step runs the per-op kernels, as before.
+`LLAMA_TRITON_PERSISTENT=1` turns it on, `=0` off (A/B runs).
+
+The step itself (CUDA-only) is runtime/persistent_step.py; this module decides where it runs.
+Building one restacks each weight kind of all layers into one tensor (the kernel streams it
+through one TMA descriptor) and points the model's per-layer weights at views of it, so the
+memory is the same and the per-op path still works on the same bytes."""
+from __future__ import annotations
+
+import importlib.util
+import math
+from typing import TYPE_CHECKING
+
+import torch
+
+from graph.llama import LlamaModel
+from kernels.dispatch import switched_on, use_triton
+from runtime.kv_cache import PagedKVCache
+
+if TYPE_CHECKING:  # imported for real only where the step is built (CUDA-only code)
+    from runtime.persistent_step import PersistentDecode
+
+ON_BY_DEFAULT = False   # measured slower than the per-op kernels so far (kernels/NOTES.md)
+BLOCK_N, BLOCK_K, STAGES, NUM_WARPS = 64, 128, 8, 8
+MAX_ROWS_PER_LOAD = 16   # K chunks of the input row staged into shared memory per load
+WEIGHTS = ("attention.wqkv", "attention.wo", "feed_forward.w13", "feed_forward.w2")
+NORMS = ("attention_norm", "ffn_norm")
+
+
+def owner(unit: int, units: int, programs: int) -> int:
+    """The program whose equal contiguous share of `units` holds `unit` (as the kernel splits)."""
+    return ((unit + 1) * programs + units - 1) // units - 1
+
+
+def writers_per_block(n: int, k: int, programs: int) -> int:
+    """The most programs that add into one row block of an [n, k] GEMV: the slots it needs."""
+    chunks = k // BLOCK_K
+    units = n // BLOCK_N * chunks
+    return max(owner(b * chunks + chunks - 1, units, programs) - owner(b * chunks, units, programs)
+               + 1 for b in range(n // BLOCK_N))
+
+
+def rows_per_load(config) -> int:
+    """K chunks staged per load: a power of two that divides both rows' chunk counts."""
+    chunks = math.gcd(config.hidden_size // BLOCK_K, config.intermediate_size // BLOCK_K)
+    rows = MAX_ROWS_PER_LOAD
+    while rows > 1 and chunks % rows:
+        rows //= 2
+    return rows
+
+
+def why_not(model: LlamaModel, programs: int) -> str | None:
+    """None where the persistent step can run this model on `programs` SMs; else why not, in
+    words. The model's own limits come first, then the machine's."""
+    if not switched_on("LLAMA_TRITON_PERSISTENT", ON_BY_DEFAULT):
+        return "it is off (LLAMA_TRITON_PERSISTENT=1 turns it on)"
+    if len(model.segments) != 1:
+        return "the model is split over several devices"
+    if model.dtype not in (torch.bfloat16, torch.float16):
+        return f"it streams bf16 or fp16 weights, not {model.dtype}"
+    problem = shape_problem(model.config, programs)
+    if problem is not None:
+        return problem
+    device = model.first_device
+    if not use_triton(torch.empty(0, device=device)):
+        return "the step does not run Triton kernels here (CPU, or LLAMA_TRITON_BACKEND=torch)"
+    if torch.cuda.get_device_capability(device)[0] < 9:
+        return "it needs TMA and warp specialisation: a Hopper or newer GPU"
+    return None
+
+
+def shape_problem(c, programs: int) -> str | None:
+    """The tiling limits of the kernel, for a config and a grid of `programs`."""
+    H, I, D = c.hidden_size, c.intermediate_size, c.head_dim
+    nqkv = c.q_size + 2 * c.kv_size
+    for name, n in (("hidden_size", H), ("intermediate_size", I), ("qkv rows", nqkv),
+                    ("vocab_size", c.vocab_size)):
+        if n % BLOCK_N:
+            return f"{name}={n} is not a multiple of the {BLOCK_N}-row weight tile"
+    for name, k in (("hidden_size", H), ("intermediate_size", I)):
+        if k % BLOCK_K:
+            return f"{name}={k} is not a multiple of the {BLOCK_K}-column weight tile"
+    if c.q_size != H:
+        return f"the query heads' width {c.q_size} is not hidden_size={H}"
+    if D & (D - 1) or not 16 <= D <= 512:
+        return f"head_dim={D} is not a power of two from 16 to 512"
+    if writers_per_block(c.vocab_size, H, programs) > 2:
+        # more than two fp32 atomics on one logit would not commute exactly
+        return f"vocab_size={c.vocab_size} is too small for {programs} programs"
+    return None
+
+
+def stack_layers(model: LlamaModel, name: str) -> torch.Tensor:
+    """All layers' `name` weights in one [layers * rows, ...] tensor; the layers get views."""
+    parts = [layer[name] for layer in model.layers]
+    stacked = torch.empty((len(parts) * parts[0].shape[0], *parts[0].shape[1:]),
+                          dtype=parts[0].dtype, device=parts[0].device)
+    rows = parts[0].shape[0]
+    for i, layer in enumerate(model.layers):
+        stacked[i * rows:(i + 1) * rows].copy_(layer[name])
+        layer[name] = stacked[i * rows:(i + 1) * rows]   # the old tensor is freed here
+    return stacked
+
+
+def make_persistent_decode(model: LlamaModel, cache: PagedKVCache) -> "PersistentDecode | None":
+    """The persistent step where it can run here, else None (the per-op kernels run)."""
+    if model.first_device.type != "cuda":
+        return None
+    if importlib.util.find_spec("triton.experimental.gluon") is None:
+        return None   # a triton older than Gluon
+    programs = torch.cuda.get_device_properties(model.first_device).multi_processor_count
+    if why_not(model, programs) is not None:
+        return None
+    from runtime.persistent_step import PersistentDecode
+    return PersistentDecode(model, cache)
