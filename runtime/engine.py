@@ -35,8 +35,8 @@ def make_decode_graphs(model: LlamaModel, cache: PagedKVCache,
 
 def make_engine(model: LlamaModel, cache: PagedKVCache, eos_ids: list[int],
                 cuda_graphs: bool = True) -> "Engine":
-    """The engine with the fastest decode step this machine runs: the persistent batch-1 step
-    where it can (graphed or not), CUDA graphs where asked and possible."""
+    """The engine with its decode steps: the persistent batch-1 step where it is switched on and
+    can run (graphed or not; runtime/persistent_decode.py), CUDA graphs where asked and possible."""
     persistent = make_persistent_decode(model, cache)
     graphs = make_decode_graphs(model, cache, persistent) if cuda_graphs else None
     return Engine(model, cache, eos_ids, graphs, persistent)
