@@ -38,31 +38,9 @@ from kernels.linear import linear
 # Gluon renamed these between triton 3.6 and 3.9; the engine's persistent step holds the shims
 from kernels.persistent_decode import NEW_SMEM_API as _NEW_SMEM_API
 from kernels.persistent_decode import cta_barrier as _cta_barrier
-from kernels.persistent_decode import tma_load as _tma_load
-from kernels.persistent_decode import wait_count as _wait_count
+from kernels.persistent_decode import gemv, load_op, release, wait_count
 
 X_ROWS_PER_LOAD = 16  # K chunks of the input row copied into shared memory per load
-
-
-@gluon.jit
-def _unit_range(N: gl.constexpr, K: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, pid, P):
-    units: gl.constexpr = (N // BN) * (K // BK)
-    return units * pid // P, units * (pid + 1) // P
-
-
-@gluon.jit
-def _load_op(desc, row0, bufs, ready, empty, it, pid, P, N: gl.constexpr, K: gl.constexpr,
-             BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr):
-    KC: gl.constexpr = K // BK
-    u0, u1 = _unit_range(N, K, BN, BK, pid, P)
-    for u in range(u0, u1):
-        slot = it % STAGES
-        mbarrier.wait(empty.index(slot), ((it // STAGES) & 1) ^ 1)  # the first lap passes
-        mbarrier.expect(ready.index(slot), desc.block_type.nbytes)
-        _tma_load(desc, [row0 + (u // KC) * BN, (u % KC) * BK], ready.index(slot),
-                  bufs.index(slot))
-        it += 1
-    return it
 
 
 @gluon.jit
@@ -73,12 +51,12 @@ def _loader(wqkv_desc, wo_desc, w13_desc, w2_desc, bufs, ready, empty, L, H: gl.
     P = gl.num_programs(0)
     it = 0
     for layer in range(L):
-        it = _load_op(wqkv_desc, layer * NQKV, bufs, ready, empty, it, pid, P, NQKV, H, BN, BK,
+        it = load_op(wqkv_desc, layer * NQKV, bufs, ready, empty, it, pid, P, NQKV, H, BN, BK,
                       STAGES)
-        it = _load_op(wo_desc, layer * H, bufs, ready, empty, it, pid, P, H, H, BN, BK, STAGES)
-        it = _load_op(w13_desc, layer * 2 * I, bufs, ready, empty, it, pid, P, 2 * I, H, BN, BK,
+        it = load_op(wo_desc, layer * H, bufs, ready, empty, it, pid, P, H, H, BN, BK, STAGES)
+        it = load_op(w13_desc, layer * 2 * I, bufs, ready, empty, it, pid, P, 2 * I, H, BN, BK,
                       STAGES)
-        it = _load_op(w2_desc, layer * H, bufs, ready, empty, it, pid, P, H, I, BN, BK, STAGES)
+        it = load_op(w2_desc, layer * H, bufs, ready, empty, it, pid, P, H, I, BN, BK, STAGES)
 
 
 @gluon.jit
@@ -103,8 +81,7 @@ def _compute_op(in_ptr, out_ptr, counter_ptr, wait_target, x_smem, bufs, ready, 
                 P, N: gl.constexpr, K: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
                 STAGES: gl.constexpr, SILU_OFF: gl.constexpr, ROWS: gl.constexpr,
                 TL: gl.constexpr, XL: gl.constexpr):
-    KC: gl.constexpr = K // BK
-    _wait_count(counter_ptr, wait_target)
+    wait_count(counter_ptr, wait_target)
     _stage_input(in_ptr, x_smem, K, BK, SILU_OFF, ROWS, XL)
     # the same bytes seen as rows of BK, so that a tile's slice of x is one dynamic index
     ROW_LAYOUT: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
@@ -112,29 +89,8 @@ def _compute_op(in_ptr, out_ptr, counter_ptr, wait_target, x_smem, bufs, ready, 
         x_rows = x_smem.reinterpret(gl.float32, x_smem.shape, ROW_LAYOUT)
     else:
         x_rows = x_smem._reinterpret(gl.float32, x_smem.shape, ROW_LAYOUT)
-    u0, u1 = _unit_range(N, K, BN, BK, pid, P)
-    rows = gl.arange(0, BN, layout=gl.SliceLayout(1, TL))
-    acc = gl.zeros([BN, BK], gl.float32, TL)
-    block = u0 // KC
-    for u in range(u0, u1):
-        if u // KC != block:
-            gl.atomic_add(out_ptr + block * BN + rows, gl.sum(acc, axis=1), sem="relaxed",
-                          scope="gpu")
-            acc = gl.zeros([BN, BK], gl.float32, TL)
-            block = u // KC
-        slot = it % STAGES
-        mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
-        w = bufs.index(slot).load(TL)
-        _cta_barrier()  # every warp has read the slot before the loader may refill it
-        mbarrier.arrive(empty.index(slot))
-        x = x_rows.index(u % KC).load(gl.SliceLayout(0, TL))
-        acc += w.to(gl.float32) * x[None, :]
-        it += 1
-    if u1 > u0:
-        gl.atomic_add(out_ptr + block * BN + rows, gl.sum(acc, axis=1), sem="relaxed",
-                      scope="gpu")
-    _cta_barrier()  # every thread's adds come before the release below
-    gl.atomic_add(counter_ptr, 1, sem="release", scope="gpu")
+    it = gemv(out_ptr, x_rows, bufs, ready, empty, it, pid, P, N, K, BN, BK, STAGES, True, TL)
+    release(counter_ptr)
     return it
 
 

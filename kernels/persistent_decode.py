@@ -100,7 +100,7 @@ def wait_count(counter_ptr, target):
 
 
 @gluon.jit
-def _release(counter_ptr):
+def release(counter_ptr):
     cta_barrier()  # every thread's stores come before the release below
     gl.atomic_add(counter_ptr, 1, sem="release", scope="gpu")
 
@@ -205,7 +205,7 @@ def _flush(out_ptr, acc, block, rows, pid, P, N: gl.constexpr, KC: gl.constexpr,
 
 
 @gluon.jit
-def _gemv(out_ptr, x_rows, bufs, ready, empty, it, pid, P, N: gl.constexpr, K: gl.constexpr,
+def gemv(out_ptr, x_rows, bufs, ready, empty, it, pid, P, N: gl.constexpr, K: gl.constexpr,
           BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, ATOMIC: gl.constexpr,
           TL: gl.constexpr):
     KC: gl.constexpr = K // BK
@@ -388,9 +388,9 @@ def _compute(ids_ptr, pos_ptr, slot_ptr, len_ptr, table_ptr, table_stride, embed
         else:
             _stage_normed(res_mid_ptr, w2_slots, res_in_ptr, attn_norm_ptr + layer * H, eps,
                           x_smem, keep_r, True, True, H, I, S_W2, P, BN, BK, ROWS, XL, DT)
-        it = _gemv(qkv_slots, x_rows, bufs, ready, empty, it, pid, P, NQKV, H, BN, BK, STAGES,
+        it = gemv(qkv_slots, x_rows, bufs, ready, empty, it, pid, P, NQKV, H, BN, BK, STAGES,
                    False, TL)
-        _release(counter_ptr)
+        release(counter_ptr)
 
         wait_count(counter_ptr, P * (op + 1))
         k_ptr = kv_ptr + layer.to(gl.int64) * layer_stride
@@ -399,31 +399,31 @@ def _compute(ids_ptr, pos_ptr, slot_ptr, len_ptr, table_ptr, table_stride, embed
                             attn_ptr, acc_ptr, ml_ptr, arrivals_ptr, k_ptr, k_ptr + v_offset,
                             cos_ptr, sin_ptr, table_ptr, table_stride, scale, P, H, NQKV, NH,
                             NKV, D, BN, BK, S_QKV, BS, NSPLIT_MAX, DT, KL)
-        _release(counter_ptr)
+        release(counter_ptr)
 
         wait_count(counter_ptr, P * (op + 2))
         _stage_attention_out(attn_ptr, x_smem, H, BK, ROWS, XL)
-        it = _gemv(wo_slots, x_rows, bufs, ready, empty, it, pid, P, H, H, BN, BK, STAGES,
+        it = gemv(wo_slots, x_rows, bufs, ready, empty, it, pid, P, H, H, BN, BK, STAGES,
                    False, TL)
-        _release(counter_ptr)
+        release(counter_ptr)
 
         wait_count(counter_ptr, P * (op + 3))
         _stage_normed(res_in_ptr, wo_slots, res_mid_ptr, ffn_norm_ptr + layer * H, eps, x_smem,
                       keep_r, True, True, H, H, S_WO, P, BN, BK, ROWS, XL, DT)
-        it = _gemv(gu_slots, x_rows, bufs, ready, empty, it, pid, P, 2 * I, H, BN, BK, STAGES,
+        it = gemv(gu_slots, x_rows, bufs, ready, empty, it, pid, P, 2 * I, H, BN, BK, STAGES,
                    False, TL)
-        _release(counter_ptr)
+        release(counter_ptr)
 
         wait_count(counter_ptr, P * (op + 4))
         _stage_silu(gu_slots, x_smem, H, I, S_GU, P, BN, BK, ROWS, XL, DT)
-        it = _gemv(w2_slots, x_rows, bufs, ready, empty, it, pid, P, H, I, BN, BK, STAGES,
+        it = gemv(w2_slots, x_rows, bufs, ready, empty, it, pid, P, H, I, BN, BK, STAGES,
                    False, TL)
-        _release(counter_ptr)
+        release(counter_ptr)
 
     wait_count(counter_ptr, P * OPS_PER_LAYER * L)
     _stage_normed(res_mid_ptr, w2_slots, res_mid_ptr, final_norm_ptr, eps, x_smem, keep_r, True,
                   False, H, I, S_W2, P, BN, BK, ROWS, XL, DT)
-    _gemv(logits_ptr, x_rows, bufs, ready, empty, it, pid, P, V, H, BN, BK, STAGES, True, TL)
+    gemv(logits_ptr, x_rows, bufs, ready, empty, it, pid, P, V, H, BN, BK, STAGES, True, TL)
     # the last program out leaves the counter at zero for the next launch (or graph replay)
     cta_barrier()
     last = P * (OPS_PER_LAYER * L + 1) - 1

@@ -114,4 +114,4 @@ def make_persistent_decode(model: LlamaModel, cache: PagedKVCache) -> "Persisten
     if why_not(model, programs) is not None:
         return None
     from runtime.persistent_step import PersistentDecode
-    return PersistentDecode(model, cache)
+    return PersistentDecode(model, cache, programs)

@@ -19,10 +19,9 @@ class PersistentDecode:
     """The step of one model and cache: stacks the weights (the model's layers keep views) and
     owns the buffers; calling it launches the kernel on a token's inputs."""
 
-    def __init__(self, model: LlamaModel, cache: PagedKVCache):
+    def __init__(self, model: LlamaModel, cache: PagedKVCache, programs: int):
         c, device = model.config, model.first_device
         self.model, self.cache = model, cache
-        programs = torch.cuda.get_device_properties(device).multi_processor_count
         self.grid = (programs,)
         weights = [stack_layers(model, name) for name in WEIGHTS]
         self.norms = [stack_layers(model, name) for name in NORMS]
