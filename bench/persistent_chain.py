@@ -44,11 +44,10 @@ X_ROWS_PER_LOAD = 16  # K chunks of the input row copied into shared memory per 
 
 
 @gluon.jit
-def _loader(wqkv_desc, wo_desc, w13_desc, w2_desc, bufs, ready, empty, L, H: gl.constexpr,
-            NQKV: gl.constexpr, I: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
-            STAGES: gl.constexpr):
+def _loader(wqkv_desc, wo_desc, w13_desc, w2_desc, bufs, ready, empty, L, P: gl.constexpr,
+            H: gl.constexpr, NQKV: gl.constexpr, I: gl.constexpr, BN: gl.constexpr,
+            BK: gl.constexpr, STAGES: gl.constexpr):
     pid = gl.program_id(0)
-    P = gl.num_programs(0)
     it = 0
     for layer in range(L):
         it = load_op(wqkv_desc, layer * NQKV, bufs, ready, empty, it, pid, P, NQKV, H, BN, BK,
@@ -78,8 +77,8 @@ def _stage_input(in_ptr, x_smem, K: gl.constexpr, BK: gl.constexpr, SILU_OFF: gl
 
 @gluon.jit
 def _compute_op(in_ptr, out_ptr, counter_ptr, wait_target, x_smem, bufs, ready, empty, it, pid,
-                P, N: gl.constexpr, K: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
-                STAGES: gl.constexpr, SILU_OFF: gl.constexpr, ROWS: gl.constexpr,
+                P: gl.constexpr, N: gl.constexpr, K: gl.constexpr, BN: gl.constexpr,
+                BK: gl.constexpr, STAGES: gl.constexpr, SILU_OFF: gl.constexpr, ROWS: gl.constexpr,
                 TL: gl.constexpr, XL: gl.constexpr):
     wait_count(counter_ptr, wait_target)
     _stage_input(in_ptr, x_smem, K, BK, SILU_OFF, ROWS, XL)
@@ -96,11 +95,10 @@ def _compute_op(in_ptr, out_ptr, counter_ptr, wait_target, x_smem, bufs, ready, 
 
 @gluon.jit
 def _compute(x0_ptr, qkv_ptr, o_ptr, gu_ptr, y_ptr, counter_ptr, x_smem, bufs, ready, empty, L,
-             H: gl.constexpr, NQKV: gl.constexpr, I: gl.constexpr, BN: gl.constexpr,
-             BK: gl.constexpr, STAGES: gl.constexpr, ROWS: gl.constexpr, TL: gl.constexpr,
-             XL: gl.constexpr):
+             P: gl.constexpr, H: gl.constexpr, NQKV: gl.constexpr, I: gl.constexpr,
+             BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, ROWS: gl.constexpr,
+             TL: gl.constexpr, XL: gl.constexpr):
     pid = gl.program_id(0)
-    P = gl.num_programs(0)
     it = 0
     for layer in range(L):
         op = 4 * layer  # op j may start once all P programs have finished op j - 1
@@ -123,7 +121,8 @@ def _compute(x0_ptr, qkv_ptr, o_ptr, gu_ptr, y_ptr, counter_ptr, x_smem, bufs, r
 
 @gluon.jit
 def persistent_chain_kernel(wqkv_desc, wo_desc, w13_desc, w2_desc, x0_ptr, qkv_ptr, o_ptr,
-                            gu_ptr, y_ptr, counter_ptr, L, H: gl.constexpr, NQKV: gl.constexpr,
+                            gu_ptr, y_ptr, counter_ptr, L, P: gl.constexpr, H: gl.constexpr,
+                            NQKV: gl.constexpr,
                             I: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
                             STAGES: gl.constexpr, ROWS: gl.constexpr, X_CHUNKS: gl.constexpr,
                             num_warps: gl.constexpr):
@@ -141,9 +140,9 @@ def persistent_chain_kernel(wqkv_desc, wo_desc, w13_desc, w2_desc, x0_ptr, qkv_p
     fence_async_shared()
     gl.warp_specialize([
         (_compute, (x0_ptr, qkv_ptr, o_ptr, gu_ptr, y_ptr, counter_ptr, x_smem, bufs, ready,
-                    empty, L, H, NQKV, I, BN, BK, STAGES, ROWS, TL, XL)),
-        (_loader, (wqkv_desc, wo_desc, w13_desc, w2_desc, bufs, ready, empty, L, H, NQKV, I, BN,
-                   BK, STAGES)),
+                    empty, L, P, H, NQKV, I, BN, BK, STAGES, ROWS, TL, XL)),
+        (_loader, (wqkv_desc, wo_desc, w13_desc, w2_desc, bufs, ready, empty, L, P, H, NQKV, I,
+                   BN, BK, STAGES)),
     ], [1], [40])
 
 
@@ -175,8 +174,8 @@ class PersistentChain:
         """x0: the first layer's input row, fp32 [H]. Returns the last layer's output row."""
         self.flat.zero_()
         persistent_chain_kernel[self.grid](*self.descs, x0, self.qkv, self.o, self.gu, self.y,
-                                           self.counter, self.layers, self.H, self.NQKV, self.I,
-                                           **self.meta)
+                                           self.counter, self.layers, self.grid[0], self.H,
+                                           self.NQKV, self.I, **self.meta)
         return self.y[-1]
 
 

@@ -26,11 +26,6 @@ Attention of the new token: units of (KV head, chunk of ATTN_CHUNK positions) ar
 programs; each unit covers its query heads (GQA), reads its chunk through the block table, and
 the unit holding the newest position writes that position's k and v into the cache and folds
 them in from registers. With several chunks the last unit of a KV head to arrive combines them.
-
-Status (H200, 2026-12-02): right (tests/gpu) but slower than the per-op kernels, 1.24 ms against
-0.97 a 1B step and 5.15 against 4.44 at 8B, so runtime/persistent_decode.py runs it only when
-LLAMA_TRITON_PERSISTENT=1. Attention costs most: a few programs' latency chain while the rest
-wait. kernels/NOTES.md has the measurements and what comes next.
 """
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -48,19 +43,19 @@ OPS_PER_LAYER = gl.constexpr(5)   # qkv, attention, wo, gate+up, w2: each ends i
 
 # ---- shared by both partitions -----------------------------------------------------------
 @gluon.jit
-def unit_range(units: gl.constexpr, pid, P):
+def unit_range(units: gl.constexpr, pid, P: gl.constexpr):
     return units * pid // P, units * (pid + 1) // P
 
 
 @gluon.jit
-def _owner(unit, units: gl.constexpr, P):
+def _owner(unit, units: gl.constexpr, P: gl.constexpr):
     # the program whose range holds `unit`: the largest p with units * p // P <= unit
     return ((unit + 1) * P + units - 1) // units - 1
 
 
 # ---- the loader warp -----------------------------------------------------------------------
 @gluon.jit
-def load_op(desc, row0, bufs, ready, empty, it, pid, P, N: gl.constexpr, K: gl.constexpr,
+def load_op(desc, row0, bufs, ready, empty, it, pid, P: gl.constexpr, N: gl.constexpr, K: gl.constexpr,
             BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr):
     KC: gl.constexpr = K // BK
     u0, u1 = unit_range((N // BN) * KC, pid, P)
@@ -75,11 +70,10 @@ def load_op(desc, row0, bufs, ready, empty, it, pid, P, N: gl.constexpr, K: gl.c
 
 
 @gluon.jit
-def _loader(wqkv_desc, wo_desc, w13_desc, w2_desc, head_desc, bufs, ready, empty, L,
+def _loader(wqkv_desc, wo_desc, w13_desc, w2_desc, head_desc, bufs, ready, empty, L, P: gl.constexpr,
             H: gl.constexpr, NQKV: gl.constexpr, I: gl.constexpr, V: gl.constexpr,
             BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr):
     pid = gl.program_id(0)
-    P = gl.num_programs(0)
     it = 0
     for layer in range(L):
         it = load_op(wqkv_desc, layer * NQKV, bufs, ready, empty, it, pid, P, NQKV, H, BN, BK,
@@ -112,7 +106,7 @@ def _rounded(x, DT: gl.constexpr):
 
 @gluon.jit
 def _slot_sum(slots_ptr, offs, N: gl.constexpr, K: gl.constexpr, BN: gl.constexpr,
-              BK: gl.constexpr, S: gl.constexpr, P):
+              BK: gl.constexpr, S: gl.constexpr, P: gl.constexpr):
     """Elements `offs` of an op's output [N]: its row blocks' partials, added in rank order.
     A block's writers are the programs from the owner of its first unit to the owner of its
     last; writer j stored into slot j. Programs between them with no units at all (an op of
@@ -141,7 +135,7 @@ def _chunk_offsets(ROWS: gl.constexpr, BK: gl.constexpr, XL: gl.constexpr):
 @gluon.jit
 def _stage_normed(prev_ptr, delta_ptr, sum_ptr, norm_ptr, eps, x_smem, keep_r,
                   HAS_DELTA: gl.constexpr, KEEP_R: gl.constexpr, H: gl.constexpr,
-                  DELTA_K: gl.constexpr, S: gl.constexpr, P, BN: gl.constexpr,
+                  DELTA_K: gl.constexpr, S: gl.constexpr, P: gl.constexpr, BN: gl.constexpr,
                   BK: gl.constexpr, ROWS: gl.constexpr, XL: gl.constexpr, DT: gl.constexpr):
     """x = RMSNorm(prev + delta) * norm into x_smem; the sum is the new residual, which one
     program (keep_r) stores for the ops after this one."""
@@ -149,7 +143,7 @@ def _stage_normed(prev_ptr, delta_ptr, sum_ptr, norm_ptr, eps, x_smem, keep_r,
     # costs instruction-cache misses that no loop amortises
     offs0 = _chunk_offsets(ROWS, BK, XL)
     squares = gl.zeros([ROWS, BK], gl.float32, XL)
-    for c in range(H // BK // ROWS):
+    for c in gl.static_range(H // BK // ROWS):
         offs = c * ROWS * BK + offs0
         r = gl.load(prev_ptr + offs, cache_modifier=".cg").to(gl.float32)
         if HAS_DELTA:
@@ -160,7 +154,7 @@ def _stage_normed(prev_ptr, delta_ptr, sum_ptr, norm_ptr, eps, x_smem, keep_r,
         squares += r * r
         x_smem.index(c).store(r)
     rstd = gl.rsqrt(gl.sum(gl.sum(squares, axis=1), axis=0) / H + eps)
-    for c in range(H // BK // ROWS):
+    for c in gl.static_range(H // BK // ROWS):
         offs = c * ROWS * BK + offs0
         # each thread reads back the elements it stored itself: no barrier needed before this
         r = x_smem.index(c).load(XL)
@@ -173,18 +167,18 @@ def _stage_normed(prev_ptr, delta_ptr, sum_ptr, norm_ptr, eps, x_smem, keep_r,
 def _stage_attention_out(attn_ptr, x_smem, H: gl.constexpr, BK: gl.constexpr,
                          ROWS: gl.constexpr, XL: gl.constexpr):
     offs0 = _chunk_offsets(ROWS, BK, XL)
-    for c in range(H // BK // ROWS):
+    for c in gl.static_range(H // BK // ROWS):
         v = gl.load(attn_ptr + c * ROWS * BK + offs0, cache_modifier=".cg")
         x_smem.index(c).store(v)
     cta_barrier()
 
 
 @gluon.jit
-def _stage_silu(gu_slots, x_smem, H: gl.constexpr, I: gl.constexpr, S: gl.constexpr, P,
+def _stage_silu(gu_slots, x_smem, H: gl.constexpr, I: gl.constexpr, S: gl.constexpr, P: gl.constexpr,
                 BN: gl.constexpr, BK: gl.constexpr, ROWS: gl.constexpr, XL: gl.constexpr,
                 DT: gl.constexpr):
     offs0 = _chunk_offsets(ROWS, BK, XL)
-    for c in range(I // BK // ROWS):
+    for c in gl.static_range(I // BK // ROWS):
         offs = c * ROWS * BK + offs0
         gate = _slot_sum(gu_slots, offs, 2 * I, H, BN, BK, S, P)
         up = _slot_sum(gu_slots, offs + I, 2 * I, H, BN, BK, S, P)
@@ -194,7 +188,7 @@ def _stage_silu(gu_slots, x_smem, H: gl.constexpr, I: gl.constexpr, S: gl.conste
 
 # ---- one GEMV op: this program's weight tiles against the staged row ---------------------------
 @gluon.jit
-def _flush(out_ptr, acc, block, rows, pid, P, N: gl.constexpr, KC: gl.constexpr,
+def _flush(out_ptr, acc, block, rows, pid, P: gl.constexpr, N: gl.constexpr, KC: gl.constexpr,
            units: gl.constexpr, BN: gl.constexpr, ATOMIC: gl.constexpr):
     part = gl.sum(acc, axis=1)
     if ATOMIC:
@@ -205,7 +199,7 @@ def _flush(out_ptr, acc, block, rows, pid, P, N: gl.constexpr, KC: gl.constexpr,
 
 
 @gluon.jit
-def gemv(out_ptr, x_rows, bufs, ready, empty, it, pid, P, N: gl.constexpr, K: gl.constexpr,
+def gemv(out_ptr, x_rows, bufs, ready, empty, it, pid, P: gl.constexpr, N: gl.constexpr, K: gl.constexpr,
           BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, ATOMIC: gl.constexpr,
           TL: gl.constexpr):
     KC: gl.constexpr = K // BK
@@ -235,7 +229,7 @@ def gemv(out_ptr, x_rows, bufs, ready, empty, it, pid, P, N: gl.constexpr, K: gl
 # ---- attention ---------------------------------------------------------------------------------
 @gluon.jit
 def _rotated(qkv_slots, off, d, cos, sin, NQKV: gl.constexpr, H: gl.constexpr,
-             BN: gl.constexpr, BK: gl.constexpr, S: gl.constexpr, P, HALF: gl.constexpr,
+             BN: gl.constexpr, BK: gl.constexpr, S: gl.constexpr, P: gl.constexpr, HALF: gl.constexpr,
              DT: gl.constexpr):
     """One head of the QKV output, rounded, rotated (rotate_half pairs) and rounded again."""
     x1 = _rounded(_slot_sum(qkv_slots, off + d, NQKV, H, BN, BK, S, P), DT)
@@ -244,101 +238,100 @@ def _rotated(qkv_slots, off, d, cos, sin, NQKV: gl.constexpr, H: gl.constexpr,
 
 
 @gluon.jit
-def _combine(kvh, n_split, attn_ptr, acc_ptr, ml_ptr, G: gl.constexpr, D: gl.constexpr,
+def _combine(qh, n_split, attn_ptr, acc_ptr, ml_ptr, D: gl.constexpr,
              NSPLIT_MAX: gl.constexpr, DT: gl.constexpr, KL: gl.constexpr):
-    """The KV head's query heads from all its chunks' partials, in chunk order."""
+    """A query head's output from all its chunks' partials, in chunk order."""
     HALF: gl.constexpr = D // 2
     d = gl.arange(0, HALF, layout=gl.SliceLayout(0, KL))
     lanes = gl.arange(0, SPLIT_TILE, layout=gl.SliceLayout(1, KL))
-    for g in range(G):
-        first = kvh * NSPLIT_MAX * G + g   # chunk s's partial is first + s * G
-        m_lane = gl.full([SPLIT_TILE], float("-inf"), gl.float32, gl.SliceLayout(1, KL))
-        for s0 in range(0, n_split, SPLIT_TILE):
-            part = first + (s0 + lanes) * G
-            m_lane = gl.maximum(m_lane, gl.load(ml_ptr + 2 * part, mask=s0 + lanes < n_split,
-                                                other=float("-inf"), cache_modifier=".cg"))
-        m_all = gl.max(m_lane, axis=0)
-        l_lane = gl.zeros([SPLIT_TILE], gl.float32, gl.SliceLayout(1, KL))
-        a1 = gl.zeros([SPLIT_TILE, HALF], gl.float32, KL)
-        a2 = gl.zeros([SPLIT_TILE, HALF], gl.float32, KL)
-        for s0 in range(0, n_split, SPLIT_TILE):
-            ok = s0 + lanes < n_split
-            part = first + (s0 + lanes) * G
-            scale = gl.exp(gl.load(ml_ptr + 2 * part, mask=ok, other=float("-inf"),
-                                   cache_modifier=".cg") - m_all)
-            l_lane += scale * gl.load(ml_ptr + 2 * part + 1, mask=ok, other=0.0,
-                                      cache_modifier=".cg")
-            rows = part[:, None] * D + d[None, :]
-            a1 += scale[:, None] * gl.load(acc_ptr + rows, mask=ok[:, None], other=0.0,
-                                           cache_modifier=".cg")
-            a2 += scale[:, None] * gl.load(acc_ptr + rows + HALF, mask=ok[:, None], other=0.0,
-                                           cache_modifier=".cg")
-        total = gl.sum(l_lane, axis=0)
-        head = (kvh * G + g) * D
-        gl.store(attn_ptr + head + d, _rounded(gl.sum(a1, axis=0) / total, DT))
-        gl.store(attn_ptr + head + HALF + d, _rounded(gl.sum(a2, axis=0) / total, DT))
+    first = qh * NSPLIT_MAX   # chunk s's partial is first + s
+    m_lane = gl.full([SPLIT_TILE], float("-inf"), gl.float32, gl.SliceLayout(1, KL))
+    for s0 in range(0, n_split, SPLIT_TILE):
+        m_lane = gl.maximum(m_lane, gl.load(ml_ptr + 2 * (first + s0 + lanes),
+                                            mask=s0 + lanes < n_split, other=float("-inf"),
+                                            cache_modifier=".cg"))
+    m_all = gl.max(m_lane, axis=0)
+    l_lane = gl.zeros([SPLIT_TILE], gl.float32, gl.SliceLayout(1, KL))
+    a1 = gl.zeros([SPLIT_TILE, HALF], gl.float32, KL)
+    a2 = gl.zeros([SPLIT_TILE, HALF], gl.float32, KL)
+    for s0 in range(0, n_split, SPLIT_TILE):
+        ok = s0 + lanes < n_split
+        part = first + s0 + lanes
+        scale = gl.exp(gl.load(ml_ptr + 2 * part, mask=ok, other=float("-inf"),
+                               cache_modifier=".cg") - m_all)
+        l_lane += scale * gl.load(ml_ptr + 2 * part + 1, mask=ok, other=0.0, cache_modifier=".cg")
+        rows = part[:, None] * D + d[None, :]
+        a1 += scale[:, None] * gl.load(acc_ptr + rows, mask=ok[:, None], other=0.0,
+                                       cache_modifier=".cg")
+        a2 += scale[:, None] * gl.load(acc_ptr + rows + HALF, mask=ok[:, None], other=0.0,
+                                       cache_modifier=".cg")
+    total = gl.sum(l_lane, axis=0)
+    gl.store(attn_ptr + qh * D + d, _rounded(gl.sum(a1, axis=0) / total, DT))
+    gl.store(attn_ptr + qh * D + HALF + d, _rounded(gl.sum(a2, axis=0) / total, DT))
 
 
 @gluon.jit
-def _attention_unit(kvh, split, n_split, seq_len, pos, slot, qkv_slots, attn_ptr, acc_ptr,
+def _attention_unit(qh, split, n_split, seq_len, pos, slot, qkv_slots, attn_ptr, acc_ptr,
                     ml_ptr, arrivals_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, table_ptr,
-                    table_stride, scale, P, H: gl.constexpr, NQKV: gl.constexpr,
-                    NH: gl.constexpr, NKV: gl.constexpr, D: gl.constexpr, BN: gl.constexpr,
-                    BK: gl.constexpr, S: gl.constexpr, BS: gl.constexpr,
+                    table_stride, scale, P: gl.constexpr, H: gl.constexpr,
+                    NQKV: gl.constexpr, NH: gl.constexpr, NKV: gl.constexpr, D: gl.constexpr,
+                    BN: gl.constexpr, BK: gl.constexpr, S: gl.constexpr, BS: gl.constexpr,
                     NSPLIT_MAX: gl.constexpr, DT: gl.constexpr, KL: gl.constexpr):
+    """Query head qh over one chunk of positions. One unit a query head, not a KV head: the
+    unit is latency, and the heads of a group reading the same K/V tile all hit L2."""
     G: gl.constexpr = NH // NKV
     HALF: gl.constexpr = D // 2
+    kvh = qh // G
     d = gl.arange(0, HALF, layout=gl.SliceLayout(0, KL))
     t = split * ATTN_CHUNK + gl.arange(0, ATTN_CHUNK, layout=gl.SliceLayout(1, KL))
     cached = t < seq_len - 1       # the newest position comes from registers, not the cache
     newest_here = split == n_split - 1
+    # every load that does not need another first, before any arithmetic
+    block = gl.load(table_ptr + (t // BS) * table_stride, mask=cached, other=0).to(gl.int64)
     cos = gl.load(cos_ptr + pos * HALF + d)
     sin = gl.load(sin_ptr + pos * HALF + d)
+    q1, q2 = _rotated(qkv_slots, qh * D, d, cos, sin, NQKV, H, BN, BK, S, P, HALF, DT)
     k1, k2 = _rotated(qkv_slots, NH * D + kvh * D, d, cos, sin, NQKV, H, BN, BK, S, P, HALF, DT)
     v_off = (NH + NKV) * D + kvh * D
     v1 = _rounded(_slot_sum(qkv_slots, v_off + d, NQKV, H, BN, BK, S, P), DT)
     v2 = _rounded(_slot_sum(qkv_slots, v_off + HALF + d, NQKV, H, BN, BK, S, P), DT)
-    dst = slot * (NKV * D) + kvh * D + d
-    write = (d >= 0) & newest_here
-    gl.store(k_ptr + dst, k1.to(DT), mask=write)
-    gl.store(k_ptr + dst + HALF, k2.to(DT), mask=write)
-    gl.store(v_ptr + dst, v1.to(DT), mask=write)
-    gl.store(v_ptr + dst + HALF, v2.to(DT), mask=write)
-
-    block = gl.load(table_ptr + (t // BS) * table_stride, mask=cached, other=0).to(gl.int64)
     rows = ((block * BS + t % BS) * (NKV * D) + kvh * D)[:, None] + d[None, :]
     kc1 = gl.load(k_ptr + rows, mask=cached[:, None], other=0.0).to(gl.float32)
     kc2 = gl.load(k_ptr + rows + HALF, mask=cached[:, None], other=0.0).to(gl.float32)
     vc1 = gl.load(v_ptr + rows, mask=cached[:, None], other=0.0).to(gl.float32)
     vc2 = gl.load(v_ptr + rows + HALF, mask=cached[:, None], other=0.0).to(gl.float32)
-    for g in range(G):
-        q1, q2 = _rotated(qkv_slots, (kvh * G + g) * D, d, cos, sin, NQKV, H, BN, BK, S, P,
-                          HALF, DT)
-        scores = (gl.sum(kc1 * q1[None, :], axis=1) + gl.sum(kc2 * q2[None, :], axis=1)) * scale
-        scores = gl.where(cached, scores, float("-inf"))
-        newest = (gl.sum(k1 * q1, axis=0) + gl.sum(k2 * q2, axis=0)) * scale
-        newest = gl.where(newest_here, newest, float("-inf"))
-        m = gl.maximum(gl.max(scores, axis=0), newest)
-        p = gl.exp(scores - m)
-        p_new = gl.exp(newest - m)
-        total = gl.sum(p, axis=0) + p_new
-        a1 = gl.sum(p[:, None] * vc1, axis=0) + p_new * v1
-        a2 = gl.sum(p[:, None] * vc2, axis=0) + p_new * v2
-        if n_split == 1:
-            head = (kvh * G + g) * D
-            gl.store(attn_ptr + head + d, _rounded(a1 / total, DT))
-            gl.store(attn_ptr + head + HALF + d, _rounded(a2 / total, DT))
-        else:
-            part = (kvh * NSPLIT_MAX + split) * G + g
-            gl.store(acc_ptr + part * D + d, a1)
-            gl.store(acc_ptr + part * D + HALF + d, a2)
-            gl.store(ml_ptr + 2 * part, m)
-            gl.store(ml_ptr + 2 * part + 1, total)
-    if n_split > 1:
+
+    # the group's first query head writes the newest k and v into the cache, for later steps
+    dst = slot * (NKV * D) + kvh * D + d
+    write = (d >= 0) & newest_here & (qh % G == 0)
+    gl.store(k_ptr + dst, k1.to(DT), mask=write)
+    gl.store(k_ptr + dst + HALF, k2.to(DT), mask=write)
+    gl.store(v_ptr + dst, v1.to(DT), mask=write)
+    gl.store(v_ptr + dst + HALF, v2.to(DT), mask=write)
+
+    scores = (gl.sum(kc1 * q1[None, :], axis=1) + gl.sum(kc2 * q2[None, :], axis=1)) * scale
+    scores = gl.where(cached, scores, float("-inf"))
+    newest = (gl.sum(k1 * q1, axis=0) + gl.sum(k2 * q2, axis=0)) * scale
+    newest = gl.where(newest_here, newest, float("-inf"))
+    m = gl.maximum(gl.max(scores, axis=0), newest)
+    p = gl.exp(scores - m)
+    p_new = gl.exp(newest - m)
+    total = gl.sum(p, axis=0) + p_new
+    a1 = gl.sum(p[:, None] * vc1, axis=0) + p_new * v1
+    a2 = gl.sum(p[:, None] * vc2, axis=0) + p_new * v2
+    if n_split == 1:
+        gl.store(attn_ptr + qh * D + d, _rounded(a1 / total, DT))
+        gl.store(attn_ptr + qh * D + HALF + d, _rounded(a2 / total, DT))
+    else:
+        part = qh * NSPLIT_MAX + split
+        gl.store(acc_ptr + part * D + d, a1)
+        gl.store(acc_ptr + part * D + HALF + d, a2)
+        gl.store(ml_ptr + 2 * part, m)
+        gl.store(ml_ptr + 2 * part + 1, total)
         cta_barrier()  # every thread's partials come before the arrival's release
-        if gl.atomic_add(arrivals_ptr + kvh, 1, sem="acq_rel", scope="gpu") == n_split - 1:
-            gl.atomic_xchg(arrivals_ptr + kvh, 0, sem="relaxed", scope="gpu")
-            _combine(kvh, n_split, attn_ptr, acc_ptr, ml_ptr, G, D, NSPLIT_MAX, DT, KL)
+        if gl.atomic_add(arrivals_ptr + qh, 1, sem="acq_rel", scope="gpu") == n_split - 1:
+            gl.atomic_xchg(arrivals_ptr + qh, 0, sem="relaxed", scope="gpu")
+            _combine(qh, n_split, attn_ptr, acc_ptr, ml_ptr, D, NSPLIT_MAX, DT, KL)
 
 
 # ---- the compute partition: every op of the step in order -------------------------------------
@@ -347,14 +340,13 @@ def _compute(ids_ptr, pos_ptr, slot_ptr, len_ptr, table_ptr, table_stride, embed
              attn_norm_ptr, ffn_norm_ptr, final_norm_ptr, cos_ptr, sin_ptr, kv_ptr,
              layer_stride, v_offset, qkv_slots, wo_slots, gu_slots, w2_slots, res_in_ptr,
              res_mid_ptr, attn_ptr, acc_ptr, ml_ptr, arrivals_ptr, logits_ptr, counter_ptr, eps,
-             scale, x_smem, bufs, ready, empty, L, H: gl.constexpr, NQKV: gl.constexpr,
+             scale, x_smem, bufs, ready, empty, L, P: gl.constexpr, H: gl.constexpr, NQKV: gl.constexpr,
              I: gl.constexpr, V: gl.constexpr, NH: gl.constexpr, NKV: gl.constexpr,
              D: gl.constexpr, BS: gl.constexpr, NSPLIT_MAX: gl.constexpr, S_QKV: gl.constexpr,
              S_WO: gl.constexpr, S_GU: gl.constexpr, S_W2: gl.constexpr, BN: gl.constexpr,
              BK: gl.constexpr, STAGES: gl.constexpr, ROWS: gl.constexpr, TL: gl.constexpr,
              XL: gl.constexpr, KL: gl.constexpr, ZL: gl.constexpr, DT: gl.constexpr):
     pid = gl.program_id(0)
-    P = gl.num_programs(0)
     # the same bytes seen as rows of BK, so that a tile's slice of x is one dynamic index
     ROW_LAYOUT: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
     # and as [chunks of ROWS rows, ROWS, BK], so that staging indexes a chunk at run time
@@ -394,8 +386,8 @@ def _compute(ids_ptr, pos_ptr, slot_ptr, len_ptr, table_ptr, table_stride, embed
 
         wait_count(counter_ptr, P * (op + 1))
         k_ptr = kv_ptr + layer.to(gl.int64) * layer_stride
-        for unit in range(pid, NKV * n_split, P):
-            _attention_unit(unit % NKV, unit // NKV, n_split, seq_len, pos, slot, qkv_slots,
+        for unit in range(pid, NH * n_split, P):
+            _attention_unit(unit % NH, unit // NH, n_split, seq_len, pos, slot, qkv_slots,
                             attn_ptr, acc_ptr, ml_ptr, arrivals_ptr, k_ptr, k_ptr + v_offset,
                             cos_ptr, sin_ptr, table_ptr, table_stride, scale, P, H, NQKV, NH,
                             NKV, D, BN, BK, S_QKV, BS, NSPLIT_MAX, DT, KL)
@@ -437,7 +429,7 @@ def persistent_decode_kernel(
         table_ptr, table_stride, embed_ptr, attn_norm_ptr, ffn_norm_ptr, final_norm_ptr,
         cos_ptr, sin_ptr, kv_ptr, layer_stride, v_offset, qkv_slots, wo_slots, gu_slots,
         w2_slots, res_in_ptr, res_mid_ptr, attn_ptr, acc_ptr, ml_ptr, arrivals_ptr, logits_ptr,
-        counter_ptr, eps, scale, L, H: gl.constexpr, NQKV: gl.constexpr, I: gl.constexpr,
+        counter_ptr, eps, scale, L, P: gl.constexpr, H: gl.constexpr, NQKV: gl.constexpr, I: gl.constexpr,
         V: gl.constexpr, NH: gl.constexpr, NKV: gl.constexpr, D: gl.constexpr,
         BS: gl.constexpr, NSPLIT_MAX: gl.constexpr, S_QKV: gl.constexpr, S_WO: gl.constexpr,
         S_GU: gl.constexpr, S_W2: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
@@ -465,9 +457,9 @@ def persistent_decode_kernel(
                     attn_norm_ptr, ffn_norm_ptr, final_norm_ptr, cos_ptr, sin_ptr, kv_ptr,
                     layer_stride, v_offset, qkv_slots, wo_slots, gu_slots, w2_slots, res_in_ptr,
                     res_mid_ptr, attn_ptr, acc_ptr, ml_ptr, arrivals_ptr, logits_ptr, counter_ptr,
-                    eps, scale, x_smem, bufs, ready, empty, L, H, NQKV, I, V, NH, NKV, D, BS,
+                    eps, scale, x_smem, bufs, ready, empty, L, P, H, NQKV, I, V, NH, NKV, D, BS,
                     NSPLIT_MAX, S_QKV, S_WO, S_GU, S_W2, BN, BK, STAGES, ROWS, TL, XL, KL, ZL,
                     DT)),
-        (_loader, (wqkv_desc, wo_desc, w13_desc, w2_desc, head_desc, bufs, ready, empty, L, H,
+        (_loader, (wqkv_desc, wo_desc, w13_desc, w2_desc, head_desc, bufs, ready, empty, L, P, H,
                    NQKV, I, V, BN, BK, STAGES)),
     ], [1], [40])

@@ -43,12 +43,12 @@ class PersistentDecode:
         self.buffers += [torch.empty(H, **f32), torch.empty(H, **f32), torch.empty(H, **f32),
                          torch.empty(nsplit_max * heads * c.head_dim, **f32),
                          torch.empty(nsplit_max * heads * 2, **f32),
-                         torch.zeros(c.num_key_value_heads, dtype=torch.int32, device=device)]
+                         torch.zeros(heads, dtype=torch.int32, device=device)]
         self.logits = torch.empty((1, c.vocab_size), **f32)
         self.counter = torch.zeros(1, dtype=torch.int32, device=device)
         pool = cache.pools[0]   # the model, and so its cache, is on one device
         self.kv = (pool, pool.stride(0), pool.stride(1))
-        self.meta = dict(H=H, NQKV=nqkv, I=I, V=c.vocab_size, NH=heads,
+        self.meta = dict(P=programs, H=H, NQKV=nqkv, I=I, V=c.vocab_size, NH=heads,
                          NKV=c.num_key_value_heads, D=c.head_dim, BS=cache.block_size,
                          NSPLIT_MAX=nsplit_max, S_QKV=slots[0], S_WO=slots[1], S_GU=slots[2],
                          S_W2=slots[3], BN=BLOCK_N, BK=BLOCK_K, STAGES=STAGES,

@@ -97,7 +97,7 @@ def test_kernel_compiles_for_sm90_with_a_tma_loader_warp(tmp_path):
     types = {n: "*fp32" for n in ("x0_ptr", "qkv_ptr", "o_ptr", "gu_ptr", "y_ptr")}
     found = compile_for_sm90(tmp_path, "bench.persistent_chain", "persistent_chain_kernel",
                              {**types, "counter_ptr": "*i32", "L": "i32"},
-                             dict(H=2048, NQKV=3072, I=8192, BN=64, BK=128, STAGES=8,
+                             dict(P=132, H=2048, NQKV=3072, I=8192, BN=64, BK=128, STAGES=8,
                                   ROWS=pc.X_ROWS_PER_LOAD, X_CHUNKS=64, num_warps=8))
     assert found["tma loads"] == 4
     assert found["slot waits"] >= 2 and found["slot releases"] >= 1
