@@ -239,12 +239,12 @@ def _rotated(qkv_slots, off, d, cos, sin, NQKV: gl.constexpr, H: gl.constexpr,
 
 @gluon.jit
 def _combine(qh, n_split, attn_ptr, acc_ptr, ml_ptr, D: gl.constexpr,
-             NSPLIT_MAX: gl.constexpr, DT: gl.constexpr, KL: gl.constexpr):
+             SPLITS: gl.constexpr, DT: gl.constexpr, KL: gl.constexpr):
     """A query head's output from all its chunks' partials, in chunk order."""
     HALF: gl.constexpr = D // 2
     d = gl.arange(0, HALF, layout=gl.SliceLayout(0, KL))
     lanes = gl.arange(0, SPLIT_TILE, layout=gl.SliceLayout(1, KL))
-    first = qh * NSPLIT_MAX   # chunk s's partial is first + s
+    first = qh * SPLITS   # chunk s's partial is first + s
     m_lane = gl.full([SPLIT_TILE], float("-inf"), gl.float32, gl.SliceLayout(1, KL))
     for s0 in range(0, n_split, SPLIT_TILE):
         m_lane = gl.maximum(m_lane, gl.load(ml_ptr + 2 * (first + s0 + lanes),
@@ -271,23 +271,55 @@ def _combine(qh, n_split, attn_ptr, acc_ptr, ml_ptr, D: gl.constexpr,
 
 
 @gluon.jit
-def _attention_unit(qh, split, n_split, seq_len, pos, slot, qkv_slots, attn_ptr, acc_ptr,
-                    ml_ptr, arrivals_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, table_ptr,
-                    table_stride, scale, P: gl.constexpr, H: gl.constexpr,
+def _kv_tile(k_ptr, v_ptr, table_ptr, table_stride, tile, valid, seq_len, kvh, d,
+             NKV: gl.constexpr, D: gl.constexpr, BS: gl.constexpr, KL: gl.constexpr):
+    """The cached K and V of ATTN_CHUNK positions of one KV head, as stored (not yet fp32)."""
+    t = tile * ATTN_CHUNK + gl.arange(0, ATTN_CHUNK, layout=gl.SliceLayout(1, KL))
+    cached = (t < seq_len - 1) & valid   # the newest position comes from registers
+    block = gl.load(table_ptr + (t // BS) * table_stride, mask=cached, other=0).to(gl.int64)
+    rows = ((block * BS + t % BS) * (NKV * D) + kvh * D)[:, None] + d[None, :]
+    HALF: gl.constexpr = D // 2
+    return (cached, gl.load(k_ptr + rows, mask=cached[:, None], other=0.0),
+            gl.load(k_ptr + rows + HALF, mask=cached[:, None], other=0.0),
+            gl.load(v_ptr + rows, mask=cached[:, None], other=0.0),
+            gl.load(v_ptr + rows + HALF, mask=cached[:, None], other=0.0))
+
+
+@gluon.jit
+def _fold_tile(q1, q2, scale, cached, kc1, kc2, vc1, vc2, m, total, a1, a2):
+    """Online softmax: one tile of positions folded into the running max, sum and output."""
+    scores = (gl.sum(kc1.to(gl.float32) * q1[None, :], axis=1)
+              + gl.sum(kc2.to(gl.float32) * q2[None, :], axis=1)) * scale
+    scores = gl.where(cached, scores, float("-inf"))
+    m_new = gl.maximum(m, gl.max(scores, axis=0))
+    shift = gl.where(m_new == float("-inf"), 0.0, m_new)   # no position yet: -inf - -inf
+    alpha = gl.exp(m - shift)
+    p = gl.exp(scores - shift)
+    return (m_new, total * alpha + gl.sum(p, axis=0),
+            a1 * alpha + gl.sum(p[:, None] * vc1.to(gl.float32), axis=0),
+            a2 * alpha + gl.sum(p[:, None] * vc2.to(gl.float32), axis=0))
+
+
+@gluon.jit
+def _attention_unit(qh, split, n_split, per_split, tiles, seq_len, pos, slot, qkv_slots,
+                    attn_ptr, acc_ptr, ml_ptr, arrivals_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr,
+                    table_ptr, table_stride, scale, P: gl.constexpr, H: gl.constexpr,
                     NQKV: gl.constexpr, NH: gl.constexpr, NKV: gl.constexpr, D: gl.constexpr,
                     BN: gl.constexpr, BK: gl.constexpr, S: gl.constexpr, BS: gl.constexpr,
-                    NSPLIT_MAX: gl.constexpr, DT: gl.constexpr, KL: gl.constexpr):
-    """Query head qh over one chunk of positions. One unit a query head, not a KV head: the
-    unit is latency, and the heads of a group reading the same K/V tile all hit L2."""
+                    SPLITS: gl.constexpr, DT: gl.constexpr, KL: gl.constexpr):
+    """Query head qh over one split of the positions: tiles [split * per_split, + per_split),
+    each prefetched while the one before it is folded in. One unit a query head, not a KV
+    head: the unit is latency, and the heads of a group reading one K/V tile all hit L2."""
     G: gl.constexpr = NH // NKV
     HALF: gl.constexpr = D // 2
     kvh = qh // G
     d = gl.arange(0, HALF, layout=gl.SliceLayout(0, KL))
-    t = split * ATTN_CHUNK + gl.arange(0, ATTN_CHUNK, layout=gl.SliceLayout(1, KL))
-    cached = t < seq_len - 1       # the newest position comes from registers, not the cache
+    t0 = split * per_split
+    t1 = gl.minimum(t0 + per_split, tiles)
     newest_here = split == n_split - 1
-    # every load that does not need another first, before any arithmetic
-    block = gl.load(table_ptr + (t // BS) * table_stride, mask=cached, other=0).to(gl.int64)
+    # the first tile's loads, and every other load that does not need another, come first
+    cached, kc1, kc2, vc1, vc2 = _kv_tile(k_ptr, v_ptr, table_ptr, table_stride, t0, True,
+                                          seq_len, kvh, d, NKV, D, BS, KL)
     cos = gl.load(cos_ptr + pos * HALF + d)
     sin = gl.load(sin_ptr + pos * HALF + d)
     q1, q2 = _rotated(qkv_slots, qh * D, d, cos, sin, NQKV, H, BN, BK, S, P, HALF, DT)
@@ -295,11 +327,6 @@ def _attention_unit(qh, split, n_split, seq_len, pos, slot, qkv_slots, attn_ptr,
     v_off = (NH + NKV) * D + kvh * D
     v1 = _rounded(_slot_sum(qkv_slots, v_off + d, NQKV, H, BN, BK, S, P), DT)
     v2 = _rounded(_slot_sum(qkv_slots, v_off + HALF + d, NQKV, H, BN, BK, S, P), DT)
-    rows = ((block * BS + t % BS) * (NKV * D) + kvh * D)[:, None] + d[None, :]
-    kc1 = gl.load(k_ptr + rows, mask=cached[:, None], other=0.0).to(gl.float32)
-    kc2 = gl.load(k_ptr + rows + HALF, mask=cached[:, None], other=0.0).to(gl.float32)
-    vc1 = gl.load(v_ptr + rows, mask=cached[:, None], other=0.0).to(gl.float32)
-    vc2 = gl.load(v_ptr + rows + HALF, mask=cached[:, None], other=0.0).to(gl.float32)
 
     # the group's first query head writes the newest k and v into the cache, for later steps
     dst = slot * (NKV * D) + kvh * D + d
@@ -309,29 +336,38 @@ def _attention_unit(qh, split, n_split, seq_len, pos, slot, qkv_slots, attn_ptr,
     gl.store(v_ptr + dst, v1.to(DT), mask=write)
     gl.store(v_ptr + dst + HALF, v2.to(DT), mask=write)
 
-    scores = (gl.sum(kc1 * q1[None, :], axis=1) + gl.sum(kc2 * q2[None, :], axis=1)) * scale
-    scores = gl.where(cached, scores, float("-inf"))
+    m = gl.max(gl.full([ATTN_CHUNK], float("-inf"), gl.float32, gl.SliceLayout(1, KL)), axis=0)
+    total = gl.sum(gl.zeros([ATTN_CHUNK], gl.float32, gl.SliceLayout(1, KL)), axis=0)
+    a1 = gl.zeros([HALF], gl.float32, gl.SliceLayout(0, KL))
+    a2 = gl.zeros([HALF], gl.float32, gl.SliceLayout(0, KL))
+    for tile in range(t0, t1):
+        nc, nk1, nk2, nv1, nv2 = _kv_tile(k_ptr, v_ptr, table_ptr, table_stride, tile + 1,
+                                          tile + 1 < t1, seq_len, kvh, d, NKV, D, BS, KL)
+        m, total, a1, a2 = _fold_tile(q1, q2, scale, cached, kc1, kc2, vc1, vc2, m, total,
+                                      a1, a2)
+        cached, kc1, kc2, vc1, vc2 = nc, nk1, nk2, nv1, nv2
+
     newest = (gl.sum(k1 * q1, axis=0) + gl.sum(k2 * q2, axis=0)) * scale
     newest = gl.where(newest_here, newest, float("-inf"))
-    m = gl.maximum(gl.max(scores, axis=0), newest)
-    p = gl.exp(scores - m)
-    p_new = gl.exp(newest - m)
-    total = gl.sum(p, axis=0) + p_new
-    a1 = gl.sum(p[:, None] * vc1, axis=0) + p_new * v1
-    a2 = gl.sum(p[:, None] * vc2, axis=0) + p_new * v2
+    m_all = gl.maximum(m, newest)   # finite: a split holds a cached position or the newest
+    alpha = gl.exp(m - m_all)
+    p_new = gl.exp(newest - m_all)
+    total = total * alpha + p_new
+    a1 = a1 * alpha + p_new * v1
+    a2 = a2 * alpha + p_new * v2
     if n_split == 1:
         gl.store(attn_ptr + qh * D + d, _rounded(a1 / total, DT))
         gl.store(attn_ptr + qh * D + HALF + d, _rounded(a2 / total, DT))
     else:
-        part = qh * NSPLIT_MAX + split
+        part = qh * SPLITS + split
         gl.store(acc_ptr + part * D + d, a1)
         gl.store(acc_ptr + part * D + HALF + d, a2)
-        gl.store(ml_ptr + 2 * part, m)
+        gl.store(ml_ptr + 2 * part, m_all)
         gl.store(ml_ptr + 2 * part + 1, total)
         cta_barrier()  # every thread's partials come before the arrival's release
         if gl.atomic_add(arrivals_ptr + qh, 1, sem="acq_rel", scope="gpu") == n_split - 1:
             gl.atomic_xchg(arrivals_ptr + qh, 0, sem="relaxed", scope="gpu")
-            _combine(qh, n_split, attn_ptr, acc_ptr, ml_ptr, D, NSPLIT_MAX, DT, KL)
+            _combine(qh, n_split, attn_ptr, acc_ptr, ml_ptr, D, SPLITS, DT, KL)
 
 
 # ---- the compute partition: every op of the step in order -------------------------------------
@@ -342,7 +378,7 @@ def _compute(ids_ptr, pos_ptr, slot_ptr, len_ptr, table_ptr, table_stride, embed
              res_mid_ptr, attn_ptr, acc_ptr, ml_ptr, arrivals_ptr, logits_ptr, counter_ptr, eps,
              scale, x_smem, bufs, ready, empty, L, P: gl.constexpr, H: gl.constexpr, NQKV: gl.constexpr,
              I: gl.constexpr, V: gl.constexpr, NH: gl.constexpr, NKV: gl.constexpr,
-             D: gl.constexpr, BS: gl.constexpr, NSPLIT_MAX: gl.constexpr, S_QKV: gl.constexpr,
+             D: gl.constexpr, BS: gl.constexpr, SPLITS: gl.constexpr, S_QKV: gl.constexpr,
              S_WO: gl.constexpr, S_GU: gl.constexpr, S_W2: gl.constexpr, BN: gl.constexpr,
              BK: gl.constexpr, STAGES: gl.constexpr, ROWS: gl.constexpr, TL: gl.constexpr,
              XL: gl.constexpr, KL: gl.constexpr, ZL: gl.constexpr, DT: gl.constexpr):
@@ -368,7 +404,10 @@ def _compute(ids_ptr, pos_ptr, slot_ptr, len_ptr, table_ptr, table_stride, embed
     pos = gl.load(pos_ptr)
     slot = gl.load(slot_ptr)
     seq_len = gl.load(len_ptr)
-    n_split = (seq_len + ATTN_CHUNK - 1) // ATTN_CHUNK
+    # at most SPLITS programs a query head, each over a run of whole tiles
+    tiles = (seq_len + ATTN_CHUNK - 1) // ATTN_CHUNK
+    per_split = (tiles + SPLITS - 1) // SPLITS
+    n_split = (tiles + per_split - 1) // per_split
     keep_r = pid == 0
     it = 0
     for layer in range(L):
@@ -387,10 +426,11 @@ def _compute(ids_ptr, pos_ptr, slot_ptr, len_ptr, table_ptr, table_stride, embed
         wait_count(counter_ptr, P * (op + 1))
         k_ptr = kv_ptr + layer.to(gl.int64) * layer_stride
         for unit in range(pid, NH * n_split, P):
-            _attention_unit(unit % NH, unit // NH, n_split, seq_len, pos, slot, qkv_slots,
+            _attention_unit(unit % NH, unit // NH, n_split, per_split, tiles, seq_len, pos, slot,
+                            qkv_slots,
                             attn_ptr, acc_ptr, ml_ptr, arrivals_ptr, k_ptr, k_ptr + v_offset,
                             cos_ptr, sin_ptr, table_ptr, table_stride, scale, P, H, NQKV, NH,
-                            NKV, D, BN, BK, S_QKV, BS, NSPLIT_MAX, DT, KL)
+                            NKV, D, BN, BK, S_QKV, BS, SPLITS, DT, KL)
         release(counter_ptr)
 
         wait_count(counter_ptr, P * (op + 2))
@@ -431,7 +471,7 @@ def persistent_decode_kernel(
         w2_slots, res_in_ptr, res_mid_ptr, attn_ptr, acc_ptr, ml_ptr, arrivals_ptr, logits_ptr,
         counter_ptr, eps, scale, L, P: gl.constexpr, H: gl.constexpr, NQKV: gl.constexpr, I: gl.constexpr,
         V: gl.constexpr, NH: gl.constexpr, NKV: gl.constexpr, D: gl.constexpr,
-        BS: gl.constexpr, NSPLIT_MAX: gl.constexpr, S_QKV: gl.constexpr, S_WO: gl.constexpr,
+        BS: gl.constexpr, SPLITS: gl.constexpr, S_QKV: gl.constexpr, S_WO: gl.constexpr,
         S_GU: gl.constexpr, S_W2: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
         STAGES: gl.constexpr, ROWS: gl.constexpr, X_CHUNKS: gl.constexpr,
         num_warps: gl.constexpr):
@@ -458,7 +498,7 @@ def persistent_decode_kernel(
                     layer_stride, v_offset, qkv_slots, wo_slots, gu_slots, w2_slots, res_in_ptr,
                     res_mid_ptr, attn_ptr, acc_ptr, ml_ptr, arrivals_ptr, logits_ptr, counter_ptr,
                     eps, scale, x_smem, bufs, ready, empty, L, P, H, NQKV, I, V, NH, NKV, D, BS,
-                    NSPLIT_MAX, S_QKV, S_WO, S_GU, S_W2, BN, BK, STAGES, ROWS, TL, XL, KL, ZL,
+                    SPLITS, S_QKV, S_WO, S_GU, S_W2, BN, BK, STAGES, ROWS, TL, XL, KL, ZL,
                     DT)),
         (_loader, (wqkv_desc, wo_desc, w13_desc, w2_desc, head_desc, bufs, ready, empty, L, P, H,
                    NQKV, I, V, BN, BK, STAGES)),

@@ -42,6 +42,12 @@ def writers_per_block(n: int, k: int, programs: int) -> int:
                + 1 for b in range(n // BLOCK_N))
 
 
+def attention_splits(heads: int, programs: int) -> int:
+    """The most programs that share one query head's positions: every head's splits fit in one
+    wave of programs, so a long context makes each split longer rather than adding waves."""
+    return max(1, programs // heads)
+
+
 def rows_per_load(config) -> int:
     """K chunks staged per load: a power of two that divides both rows' chunk counts."""
     chunks = math.gcd(config.hidden_size // BLOCK_K, config.intermediate_size // BLOCK_K)

@@ -9,10 +9,11 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from graph.llama import LlamaModel
-from kernels.persistent_decode import ATTN_CHUNK, persistent_decode_kernel
+from kernels.persistent_decode import persistent_decode_kernel
 from runtime.kv_cache import PagedKVCache
 from runtime.persistent_decode import (BLOCK_K, BLOCK_N, NORMS, NUM_WARPS, STAGES, WEIGHTS,
-                                       rows_per_load, stack_layers, writers_per_block)
+                                       attention_splits, rows_per_load, stack_layers,
+                                       writers_per_block)
 
 
 class PersistentDecode:
@@ -32,17 +33,16 @@ class PersistentDecode:
         H, I, nqkv = c.hidden_size, c.intermediate_size, c.q_size + 2 * c.kv_size
         slots = [writers_per_block(n, k, programs)
                  for n, k in ((nqkv, H), (H, H), (2 * I, H), (H, I))]
-        longest = min(c.max_position_embeddings, cache.capacity_tokens)
-        nsplit_max = -(-longest // ATTN_CHUNK.value)
         heads = c.num_attention_heads
+        splits = attention_splits(heads, programs)
         f32 = dict(dtype=torch.float32, device=device)
         self.buffers = [torch.empty(s * n, **f32)
                         for s, n in zip(slots, (nqkv, H, 2 * I, H))]
         # the residual entering a block, after attention's add, and attention's output; then
         # the attention chunks' partial sums and their (max, sum of exponentials)
         self.buffers += [torch.empty(H, **f32), torch.empty(H, **f32), torch.empty(H, **f32),
-                         torch.empty(nsplit_max * heads * c.head_dim, **f32),
-                         torch.empty(nsplit_max * heads * 2, **f32),
+                         torch.empty(splits * heads * c.head_dim, **f32),
+                         torch.empty(splits * heads * 2, **f32),
                          torch.zeros(heads, dtype=torch.int32, device=device)]
         self.logits = torch.empty((1, c.vocab_size), **f32)
         self.counter = torch.zeros(1, dtype=torch.int32, device=device)
@@ -50,7 +50,7 @@ class PersistentDecode:
         self.kv = (pool, pool.stride(0), pool.stride(1))
         self.meta = dict(P=programs, H=H, NQKV=nqkv, I=I, V=c.vocab_size, NH=heads,
                          NKV=c.num_key_value_heads, D=c.head_dim, BS=cache.block_size,
-                         NSPLIT_MAX=nsplit_max, S_QKV=slots[0], S_WO=slots[1], S_GU=slots[2],
+                         SPLITS=splits, S_QKV=slots[0], S_WO=slots[1], S_GU=slots[2],
                          S_W2=slots[3], BN=BLOCK_N, BK=BLOCK_K, STAGES=STAGES,
                          ROWS=rows_per_load(c), num_warps=NUM_WARPS,
                          X_CHUNKS=triton.next_power_of_2(max(H, I) // BLOCK_K))
