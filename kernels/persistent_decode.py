@@ -36,7 +36,9 @@ cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
 NEW_SMEM_API = gl.constexpr(hasattr(gl.shared_memory_descriptor, "reinterpret"))
 
-ATTN_CHUNK = gl.constexpr(64)     # positions an attention unit reads
+# positions x head_dim of one attention tile: 128 positions at head_dim 64, 64 at 128, so a
+# tile is 32 KB of K and V in bf16 whatever the head size
+ATTN_TILE_ELEMENTS = gl.constexpr(8192)
 SPLIT_TILE = gl.constexpr(32)     # attention partials the combining program reads at once
 OPS_PER_LAYER = gl.constexpr(5)   # qkv, attention, wo, gate+up, w2: each ends in P releases
 
@@ -271,15 +273,22 @@ def _combine(qh, n_split, attn_ptr, acc_ptr, ml_ptr, D: gl.constexpr,
 
 
 @gluon.jit
-def _kv_tile(k_ptr, v_ptr, table_ptr, table_stride, tile, valid, seq_len, kvh, d,
-             NKV: gl.constexpr, D: gl.constexpr, BS: gl.constexpr, KL: gl.constexpr):
-    """The cached K and V of ATTN_CHUNK positions of one KV head, as stored (not yet fp32)."""
-    t = tile * ATTN_CHUNK + gl.arange(0, ATTN_CHUNK, layout=gl.SliceLayout(1, KL))
-    cached = (t < seq_len - 1) & valid   # the newest position comes from registers
+def _tile_blocks(table_ptr, table_stride, tile, valid, seq_len, TILE: gl.constexpr,
+                 BS: gl.constexpr, KL: gl.constexpr):
+    """The cache blocks of a tile's TILE positions (one entry a position) and which of those
+    positions to read from the cache: the newest comes from registers."""
+    t = tile * TILE + gl.arange(0, TILE, layout=gl.SliceLayout(1, KL))
+    cached = (t < seq_len - 1) & valid
     block = gl.load(table_ptr + (t // BS) * table_stride, mask=cached, other=0).to(gl.int64)
-    rows = ((block * BS + t % BS) * (NKV * D) + kvh * D)[:, None] + d[None, :]
+    return cached, (block * BS + t % BS)
+
+
+@gluon.jit
+def _kv_tile(k_ptr, v_ptr, cached, cache_rows, kvh, d, NKV: gl.constexpr, D: gl.constexpr):
+    """The cached K and V of a tile's positions for one KV head, as stored (not yet fp32)."""
     HALF: gl.constexpr = D // 2
-    return (cached, gl.load(k_ptr + rows, mask=cached[:, None], other=0.0),
+    rows = (cache_rows * (NKV * D) + kvh * D)[:, None] + d[None, :]
+    return (gl.load(k_ptr + rows, mask=cached[:, None], other=0.0),
             gl.load(k_ptr + rows + HALF, mask=cached[:, None], other=0.0),
             gl.load(v_ptr + rows, mask=cached[:, None], other=0.0),
             gl.load(v_ptr + rows + HALF, mask=cached[:, None], other=0.0))
@@ -314,15 +323,17 @@ def _attention_unit(qh, split, n_split, per_split, tiles, seq_len, pos, slot, qk
     HALF: gl.constexpr = D // 2
     kvh = qh // G
     d = gl.arange(0, HALF, layout=gl.SliceLayout(0, KL))
+    TILE: gl.constexpr = ATTN_TILE_ELEMENTS // D
     t0 = split * per_split
     t1 = gl.minimum(t0 + per_split, tiles)
     newest_here = split == n_split - 1
-    # the first tile's loads, and every other load that does not need another, come first
-    cached, kc1, kc2, vc1, vc2 = _kv_tile(k_ptr, v_ptr, table_ptr, table_stride, t0, True,
-                                          seq_len, kvh, d, NKV, D, BS, KL)
+    # a pipeline: the block table two tiles ahead, K and V one tile ahead of the one folded in
+    c0, r0 = _tile_blocks(table_ptr, table_stride, t0, True, seq_len, TILE, BS, KL)
+    c1, r1 = _tile_blocks(table_ptr, table_stride, t0 + 1, t0 + 1 < t1, seq_len, TILE, BS, KL)
     cos = gl.load(cos_ptr + pos * HALF + d)
     sin = gl.load(sin_ptr + pos * HALF + d)
     q1, q2 = _rotated(qkv_slots, qh * D, d, cos, sin, NQKV, H, BN, BK, S, P, HALF, DT)
+    kc1, kc2, vc1, vc2 = _kv_tile(k_ptr, v_ptr, c0, r0, kvh, d, NKV, D)
     k1, k2 = _rotated(qkv_slots, NH * D + kvh * D, d, cos, sin, NQKV, H, BN, BK, S, P, HALF, DT)
     v_off = (NH + NKV) * D + kvh * D
     v1 = _rounded(_slot_sum(qkv_slots, v_off + d, NQKV, H, BN, BK, S, P), DT)
@@ -336,16 +347,17 @@ def _attention_unit(qh, split, n_split, per_split, tiles, seq_len, pos, slot, qk
     gl.store(v_ptr + dst, v1.to(DT), mask=write)
     gl.store(v_ptr + dst + HALF, v2.to(DT), mask=write)
 
-    m = gl.max(gl.full([ATTN_CHUNK], float("-inf"), gl.float32, gl.SliceLayout(1, KL)), axis=0)
-    total = gl.sum(gl.zeros([ATTN_CHUNK], gl.float32, gl.SliceLayout(1, KL)), axis=0)
+    m = gl.max(gl.full([TILE], float("-inf"), gl.float32, gl.SliceLayout(1, KL)), axis=0)
+    total = gl.sum(gl.zeros([TILE], gl.float32, gl.SliceLayout(1, KL)), axis=0)
     a1 = gl.zeros([HALF], gl.float32, gl.SliceLayout(0, KL))
     a2 = gl.zeros([HALF], gl.float32, gl.SliceLayout(0, KL))
     for tile in range(t0, t1):
-        nc, nk1, nk2, nv1, nv2 = _kv_tile(k_ptr, v_ptr, table_ptr, table_stride, tile + 1,
-                                          tile + 1 < t1, seq_len, kvh, d, NKV, D, BS, KL)
-        m, total, a1, a2 = _fold_tile(q1, q2, scale, cached, kc1, kc2, vc1, vc2, m, total,
-                                      a1, a2)
-        cached, kc1, kc2, vc1, vc2 = nc, nk1, nk2, nv1, nv2
+        c2, r2 = _tile_blocks(table_ptr, table_stride, tile + 2, tile + 2 < t1, seq_len, TILE,
+                              BS, KL)
+        nk1, nk2, nv1, nv2 = _kv_tile(k_ptr, v_ptr, c1, r1, kvh, d, NKV, D)
+        m, total, a1, a2 = _fold_tile(q1, q2, scale, c0, kc1, kc2, vc1, vc2, m, total, a1, a2)
+        c0, kc1, kc2, vc1, vc2 = c1, nk1, nk2, nv1, nv2
+        c1, r1 = c2, r2
 
     newest = (gl.sum(k1 * q1, axis=0) + gl.sum(k2 * q2, axis=0)) * scale
     newest = gl.where(newest_here, newest, float("-inf"))
@@ -405,7 +417,8 @@ def _compute(ids_ptr, pos_ptr, slot_ptr, len_ptr, table_ptr, table_stride, embed
     slot = gl.load(slot_ptr)
     seq_len = gl.load(len_ptr)
     # at most SPLITS programs a query head, each over a run of whole tiles
-    tiles = (seq_len + ATTN_CHUNK - 1) // ATTN_CHUNK
+    TILE: gl.constexpr = ATTN_TILE_ELEMENTS // D
+    tiles = (seq_len + TILE - 1) // TILE
     per_split = (tiles + SPLITS - 1) // SPLITS
     n_split = (tiles + per_split - 1) // per_split
     keep_r = pid == 0
