@@ -36,9 +36,9 @@ cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
 NEW_SMEM_API = gl.constexpr(hasattr(gl.shared_memory_descriptor, "reinterpret"))
 
-# positions x head_dim of one attention tile: 64 positions at head_dim 64, 32 at 128, which with
-# the next tile in flight and a group's heads in registers fits the compute warps' registers
-ATTN_TILE_ELEMENTS = gl.constexpr(4096)
+# positions x head_dim of one attention tile: 128 positions at head_dim 64, 64 at 128, so a
+# tile is 32 KB of K and V in bf16 whatever the head size
+ATTN_TILE_ELEMENTS = gl.constexpr(8192)
 SPLIT_TILE = gl.constexpr(32)     # attention partials the combining program reads at once
 OPS_PER_LAYER = gl.constexpr(5)   # qkv, attention, wo, gate+up, w2: each ends in P releases
 
@@ -272,26 +272,21 @@ def _combine(qh, n_split, attn_ptr, acc_ptr, ml_ptr, D: gl.constexpr,
     gl.store(attn_ptr + qh * D + HALF + d, _rounded(gl.sum(a2, axis=0) / total, DT))
 
 
-# Attention works on [query heads of a group, positions, half a head] in the 3-D layout AL: a
-# thread holds every head of the group for its (position, dim) elements, so a K or V tile is
-# loaded once (as its slice over the heads) and serves the whole group from registers.
 @gluon.jit
-def _tile_rows(table_ptr, table_stride, tile, valid, seq_len, TILE: gl.constexpr,
-               BS: gl.constexpr, AL: gl.constexpr):
-    """The cache rows of a tile's TILE positions, and which positions the cache holds: the
-    newest comes from registers."""
-    t = tile * TILE + gl.arange(0, TILE, layout=gl.SliceLayout(1, gl.SliceLayout(0, AL)))
+def _tile_blocks(table_ptr, table_stride, tile, valid, seq_len, TILE: gl.constexpr,
+                 BS: gl.constexpr, KL: gl.constexpr):
+    """The cache blocks of a tile's TILE positions (one entry a position) and which of those
+    positions to read from the cache: the newest comes from registers."""
+    t = tile * TILE + gl.arange(0, TILE, layout=gl.SliceLayout(1, KL))
     cached = (t < seq_len - 1) & valid
     block = gl.load(table_ptr + (t // BS) * table_stride, mask=cached, other=0).to(gl.int64)
-    return cached, block * BS + t % BS
+    return cached, (block * BS + t % BS)
 
 
 @gluon.jit
-def _kv_tile(k_ptr, v_ptr, cached, cache_rows, kvh, NKV: gl.constexpr, D: gl.constexpr,
-             AL: gl.constexpr):
-    """The cached K and V halves of a tile for one KV head, as stored (not yet fp32)."""
+def _kv_tile(k_ptr, v_ptr, cached, cache_rows, kvh, d, NKV: gl.constexpr, D: gl.constexpr):
+    """The cached K and V of a tile's positions for one KV head, as stored (not yet fp32)."""
     HALF: gl.constexpr = D // 2
-    d = gl.arange(0, HALF, layout=gl.SliceLayout(0, gl.SliceLayout(0, AL)))
     rows = (cache_rows * (NKV * D) + kvh * D)[:, None] + d[None, :]
     return (gl.load(k_ptr + rows, mask=cached[:, None], other=0.0),
             gl.load(k_ptr + rows + HALF, mask=cached[:, None], other=0.0),
@@ -300,77 +295,71 @@ def _kv_tile(k_ptr, v_ptr, cached, cache_rows, kvh, NKV: gl.constexpr, D: gl.con
 
 
 @gluon.jit
-def _fold_tile(q1, q2, scale, tile, valid, seq_len, kc1, kc2, vc1, vc2, m, total, a1, a2,
-               TILE: gl.constexpr, AL: gl.constexpr):
-    """Online softmax: one tile of positions folded into every head's running max [G, 1, 1],
-    sum [G, 1, 1] and output halves [G, 1, HALF]."""
-    scores = (gl.sum(q1 * kc1.to(gl.float32)[None, :, :], axis=2, keep_dims=True)
-              + gl.sum(q2 * kc2.to(gl.float32)[None, :, :], axis=2, keep_dims=True)) * scale
-    t = tile * TILE + gl.arange(0, TILE, layout=gl.SliceLayout(0, gl.SliceLayout(2, AL)))
-    cached = (t < seq_len - 1) & valid
-    scores = gl.where(cached[None, :, None], scores, float("-inf"))
-    m_new = gl.maximum(m, gl.max(scores, axis=1, keep_dims=True))
+def _fold_tile(q1, q2, scale, cached, kc1, kc2, vc1, vc2, m, total, a1, a2):
+    """Online softmax: one tile of positions folded into the running max, sum and output."""
+    scores = (gl.sum(kc1.to(gl.float32) * q1[None, :], axis=1)
+              + gl.sum(kc2.to(gl.float32) * q2[None, :], axis=1)) * scale
+    scores = gl.where(cached, scores, float("-inf"))
+    m_new = gl.maximum(m, gl.max(scores, axis=0))
     shift = gl.where(m_new == float("-inf"), 0.0, m_new)   # no position yet: -inf - -inf
     alpha = gl.exp(m - shift)
     p = gl.exp(scores - shift)
-    return (m_new, total * alpha + gl.sum(p, axis=1, keep_dims=True),
-            a1 * alpha + gl.sum(p * vc1.to(gl.float32)[None, :, :], axis=1, keep_dims=True),
-            a2 * alpha + gl.sum(p * vc2.to(gl.float32)[None, :, :], axis=1, keep_dims=True))
+    return (m_new, total * alpha + gl.sum(p, axis=0),
+            a1 * alpha + gl.sum(p[:, None] * vc1.to(gl.float32), axis=0),
+            a2 * alpha + gl.sum(p[:, None] * vc2.to(gl.float32), axis=0))
 
 
 @gluon.jit
-def _attention_unit(kvh, split, n_split, per_split, tiles, seq_len, pos, slot, qkv_slots,
+def _attention_unit(qh, split, n_split, per_split, tiles, seq_len, pos, slot, qkv_slots,
                     attn_ptr, acc_ptr, ml_ptr, arrivals_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr,
                     table_ptr, table_stride, scale, P: gl.constexpr, H: gl.constexpr,
                     NQKV: gl.constexpr, NH: gl.constexpr, NKV: gl.constexpr, D: gl.constexpr,
                     BN: gl.constexpr, BK: gl.constexpr, S: gl.constexpr, BS: gl.constexpr,
-                    SPLITS: gl.constexpr, GP: gl.constexpr, DT: gl.constexpr,
-                    AL: gl.constexpr, KL: gl.constexpr):
-    """The query heads of KV head kvh over one split of the positions: tiles [split *
-    per_split, + per_split), each prefetched while the one before it is folded in."""
+                    SPLITS: gl.constexpr, DT: gl.constexpr, KL: gl.constexpr):
+    """Query head qh over one split of the positions: tiles [split * per_split, + per_split),
+    each prefetched while the one before it is folded in. One unit a query head, not a KV
+    head: the unit is latency, and the heads of a group reading one K/V tile all hit L2."""
     G: gl.constexpr = NH // NKV
     HALF: gl.constexpr = D // 2
+    kvh = qh // G
+    d = gl.arange(0, HALF, layout=gl.SliceLayout(0, KL))
     TILE: gl.constexpr = ATTN_TILE_ELEMENTS // D
-    g = gl.arange(0, GP, layout=gl.SliceLayout(1, gl.SliceLayout(2, AL)))[:, None, None]
-    d = gl.arange(0, HALF, layout=gl.SliceLayout(0, gl.SliceLayout(1, AL)))[None, None, :]
-    head = kvh * G + g   # [GP, 1, 1]; heads past G (GP is G rounded up) are computed, not kept
     t0 = split * per_split
     t1 = gl.minimum(t0 + per_split, tiles)
     newest_here = split == n_split - 1
     # a pipeline: the block table two tiles ahead, K and V one tile ahead of the one folded in
-    c0, r0 = _tile_rows(table_ptr, table_stride, t0, True, seq_len, TILE, BS, AL)
-    c1, r1 = _tile_rows(table_ptr, table_stride, t0 + 1, t0 + 1 < t1, seq_len, TILE, BS, AL)
+    c0, r0 = _tile_blocks(table_ptr, table_stride, t0, True, seq_len, TILE, BS, KL)
+    c1, r1 = _tile_blocks(table_ptr, table_stride, t0 + 1, t0 + 1 < t1, seq_len, TILE, BS, KL)
     cos = gl.load(cos_ptr + pos * HALF + d)
     sin = gl.load(sin_ptr + pos * HALF + d)
-    q1, q2 = _rotated(qkv_slots, head * D, d, cos, sin, NQKV, H, BN, BK, S, P, HALF, DT)
-    kc1, kc2, vc1, vc2 = _kv_tile(k_ptr, v_ptr, c0, r0, kvh, NKV, D, AL)
+    q1, q2 = _rotated(qkv_slots, qh * D, d, cos, sin, NQKV, H, BN, BK, S, P, HALF, DT)
+    kc1, kc2, vc1, vc2 = _kv_tile(k_ptr, v_ptr, c0, r0, kvh, d, NKV, D)
     k1, k2 = _rotated(qkv_slots, NH * D + kvh * D, d, cos, sin, NQKV, H, BN, BK, S, P, HALF, DT)
     v_off = (NH + NKV) * D + kvh * D
     v1 = _rounded(_slot_sum(qkv_slots, v_off + d, NQKV, H, BN, BK, S, P), DT)
     v2 = _rounded(_slot_sum(qkv_slots, v_off + HALF + d, NQKV, H, BN, BK, S, P), DT)
 
-    # the split holding the newest position writes its k and v into the cache, for later steps
+    # the group's first query head writes the newest k and v into the cache, for later steps
     dst = slot * (NKV * D) + kvh * D + d
-    write = (d >= 0) & newest_here
+    write = (d >= 0) & newest_here & (qh % G == 0)
     gl.store(k_ptr + dst, k1.to(DT), mask=write)
     gl.store(k_ptr + dst + HALF, k2.to(DT), mask=write)
     gl.store(v_ptr + dst, v1.to(DT), mask=write)
     gl.store(v_ptr + dst + HALF, v2.to(DT), mask=write)
 
-    m = gl.full([GP, 1, 1], float("-inf"), gl.float32, AL)
-    total = gl.zeros([GP, 1, 1], gl.float32, AL)
-    a1 = gl.zeros([GP, 1, HALF], gl.float32, AL)
-    a2 = gl.zeros([GP, 1, HALF], gl.float32, AL)
+    m = gl.max(gl.full([TILE], float("-inf"), gl.float32, gl.SliceLayout(1, KL)), axis=0)
+    total = gl.sum(gl.zeros([TILE], gl.float32, gl.SliceLayout(1, KL)), axis=0)
+    a1 = gl.zeros([HALF], gl.float32, gl.SliceLayout(0, KL))
+    a2 = gl.zeros([HALF], gl.float32, gl.SliceLayout(0, KL))
     for tile in range(t0, t1):
-        c2, r2 = _tile_rows(table_ptr, table_stride, tile + 2, tile + 2 < t1, seq_len, TILE,
-                            BS, AL)
-        nk1, nk2, nv1, nv2 = _kv_tile(k_ptr, v_ptr, c1, r1, kvh, NKV, D, AL)
-        m, total, a1, a2 = _fold_tile(q1, q2, scale, tile, True, seq_len, kc1, kc2, vc1, vc2,
-                                      m, total, a1, a2, TILE, AL)
-        kc1, kc2, vc1, vc2 = nk1, nk2, nv1, nv2
+        c2, r2 = _tile_blocks(table_ptr, table_stride, tile + 2, tile + 2 < t1, seq_len, TILE,
+                              BS, KL)
+        nk1, nk2, nv1, nv2 = _kv_tile(k_ptr, v_ptr, c1, r1, kvh, d, NKV, D)
+        m, total, a1, a2 = _fold_tile(q1, q2, scale, c0, kc1, kc2, vc1, vc2, m, total, a1, a2)
+        c0, kc1, kc2, vc1, vc2 = c1, nk1, nk2, nv1, nv2
         c1, r1 = c2, r2
 
-    newest = gl.sum(q1 * k1 + q2 * k2, axis=2, keep_dims=True) * scale
+    newest = (gl.sum(k1 * q1, axis=0) + gl.sum(k2 * q2, axis=0)) * scale
     newest = gl.where(newest_here, newest, float("-inf"))
     m_all = gl.maximum(m, newest)   # finite: a split holds a cached position or the newest
     alpha = gl.exp(m - m_all)
@@ -378,21 +367,19 @@ def _attention_unit(kvh, split, n_split, per_split, tiles, seq_len, pos, slot, q
     total = total * alpha + p_new
     a1 = a1 * alpha + p_new * v1
     a2 = a2 * alpha + p_new * v2
-    kept = (g < G) & (d >= 0)
     if n_split == 1:
-        gl.store(attn_ptr + head * D + d, _rounded(a1 / total, DT), mask=kept)
-        gl.store(attn_ptr + head * D + HALF + d, _rounded(a2 / total, DT), mask=kept)
+        gl.store(attn_ptr + qh * D + d, _rounded(a1 / total, DT))
+        gl.store(attn_ptr + qh * D + HALF + d, _rounded(a2 / total, DT))
     else:
-        part = head * SPLITS + split
-        gl.store(acc_ptr + part * D + d, a1, mask=kept)
-        gl.store(acc_ptr + part * D + HALF + d, a2, mask=kept)
-        gl.store(ml_ptr + 2 * part, m_all, mask=g < G)
-        gl.store(ml_ptr + 2 * part + 1, total, mask=g < G)
+        part = qh * SPLITS + split
+        gl.store(acc_ptr + part * D + d, a1)
+        gl.store(acc_ptr + part * D + HALF + d, a2)
+        gl.store(ml_ptr + 2 * part, m_all)
+        gl.store(ml_ptr + 2 * part + 1, total)
         cta_barrier()  # every thread's partials come before the arrival's release
-        if gl.atomic_add(arrivals_ptr + kvh, 1, sem="acq_rel", scope="gpu") == n_split - 1:
-            gl.atomic_xchg(arrivals_ptr + kvh, 0, sem="relaxed", scope="gpu")
-            for j in range(G):
-                _combine(kvh * G + j, n_split, attn_ptr, acc_ptr, ml_ptr, D, SPLITS, DT, KL)
+        if gl.atomic_add(arrivals_ptr + qh, 1, sem="acq_rel", scope="gpu") == n_split - 1:
+            gl.atomic_xchg(arrivals_ptr + qh, 0, sem="relaxed", scope="gpu")
+            _combine(qh, n_split, attn_ptr, acc_ptr, ml_ptr, D, SPLITS, DT, KL)
 
 
 # ---- the compute partition: every op of the step in order -------------------------------------
@@ -403,12 +390,10 @@ def _compute(ids_ptr, pos_ptr, slot_ptr, len_ptr, table_ptr, table_stride, embed
              res_mid_ptr, attn_ptr, acc_ptr, ml_ptr, arrivals_ptr, logits_ptr, counter_ptr, eps,
              scale, x_smem, bufs, ready, empty, L, P: gl.constexpr, H: gl.constexpr, NQKV: gl.constexpr,
              I: gl.constexpr, V: gl.constexpr, NH: gl.constexpr, NKV: gl.constexpr,
-             D: gl.constexpr, BS: gl.constexpr, SPLITS: gl.constexpr, GP: gl.constexpr,
-             S_QKV: gl.constexpr,
+             D: gl.constexpr, BS: gl.constexpr, SPLITS: gl.constexpr, S_QKV: gl.constexpr,
              S_WO: gl.constexpr, S_GU: gl.constexpr, S_W2: gl.constexpr, BN: gl.constexpr,
              BK: gl.constexpr, STAGES: gl.constexpr, ROWS: gl.constexpr, TL: gl.constexpr,
-             XL: gl.constexpr, KL: gl.constexpr, AL: gl.constexpr, ZL: gl.constexpr,
-             DT: gl.constexpr):
+             XL: gl.constexpr, KL: gl.constexpr, ZL: gl.constexpr, DT: gl.constexpr):
     pid = gl.program_id(0)
     # the same bytes seen as rows of BK, so that a tile's slice of x is one dynamic index
     ROW_LAYOUT: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
@@ -453,12 +438,12 @@ def _compute(ids_ptr, pos_ptr, slot_ptr, len_ptr, table_ptr, table_stride, embed
 
         wait_count(counter_ptr, P * (op + 1))
         k_ptr = kv_ptr + layer.to(gl.int64) * layer_stride
-        for unit in range(pid, NKV * n_split, P):
-            _attention_unit(unit % NKV, unit // NKV, n_split, per_split, tiles, seq_len, pos, slot,
+        for unit in range(pid, NH * n_split, P):
+            _attention_unit(unit % NH, unit // NH, n_split, per_split, tiles, seq_len, pos, slot,
                             qkv_slots,
                             attn_ptr, acc_ptr, ml_ptr, arrivals_ptr, k_ptr, k_ptr + v_offset,
                             cos_ptr, sin_ptr, table_ptr, table_stride, scale, P, H, NQKV, NH,
-                            NKV, D, BN, BK, S_QKV, BS, SPLITS, GP, DT, AL, KL)
+                            NKV, D, BN, BK, S_QKV, BS, SPLITS, DT, KL)
         release(counter_ptr)
 
         wait_count(counter_ptr, P * (op + 2))
@@ -499,8 +484,7 @@ def persistent_decode_kernel(
         w2_slots, res_in_ptr, res_mid_ptr, attn_ptr, acc_ptr, ml_ptr, arrivals_ptr, logits_ptr,
         counter_ptr, eps, scale, L, P: gl.constexpr, H: gl.constexpr, NQKV: gl.constexpr, I: gl.constexpr,
         V: gl.constexpr, NH: gl.constexpr, NKV: gl.constexpr, D: gl.constexpr,
-        BS: gl.constexpr, SPLITS: gl.constexpr, GP: gl.constexpr, S_QKV: gl.constexpr,
-        S_WO: gl.constexpr,
+        BS: gl.constexpr, SPLITS: gl.constexpr, S_QKV: gl.constexpr, S_WO: gl.constexpr,
         S_GU: gl.constexpr, S_W2: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
         STAGES: gl.constexpr, ROWS: gl.constexpr, X_CHUNKS: gl.constexpr,
         num_warps: gl.constexpr):
@@ -511,9 +495,6 @@ def persistent_decode_kernel(
     # attention tiles are [positions, D / 2]: 8-element vectors, a warp across the half head
     KL_COLS: gl.constexpr = D // 16
     KL: gl.constexpr = gl.BlockedLayout([1, 8], [32 // KL_COLS, KL_COLS], [num_warps, 1], [1, 0])
-    AL_COLS: gl.constexpr = D // 8
-    AL: gl.constexpr = gl.BlockedLayout([GP, 1, 4], [1, 32 // AL_COLS, AL_COLS],
-                                        [1, num_warps, 1], [2, 1, 0])
     ZL: gl.constexpr = gl.BlockedLayout([4], [32], [num_warps], [0])
     bufs = gl.allocate_shared_memory(wqkv_desc.dtype, [STAGES, BN, BK], wqkv_desc.layout)
     x_smem = gl.allocate_shared_memory(gl.float32, [X_CHUNKS, BK],
@@ -530,7 +511,7 @@ def persistent_decode_kernel(
                     layer_stride, v_offset, qkv_slots, wo_slots, gu_slots, w2_slots, res_in_ptr,
                     res_mid_ptr, attn_ptr, acc_ptr, ml_ptr, arrivals_ptr, logits_ptr, counter_ptr,
                     eps, scale, x_smem, bufs, ready, empty, L, P, H, NQKV, I, V, NH, NKV, D, BS,
-                    SPLITS, GP, S_QKV, S_WO, S_GU, S_W2, BN, BK, STAGES, ROWS, TL, XL, KL, AL, ZL,
+                    SPLITS, S_QKV, S_WO, S_GU, S_W2, BN, BK, STAGES, ROWS, TL, XL, KL, ZL,
                     DT)),
         (_loader, (wqkv_desc, wo_desc, w13_desc, w2_desc, head_desc, bufs, ready, empty, L, P, H,
                    NQKV, I, V, BN, BK, STAGES)),

@@ -42,10 +42,10 @@ def writers_per_block(n: int, k: int, programs: int) -> int:
                + 1 for b in range(n // BLOCK_N))
 
 
-def attention_splits(kv_heads: int, programs: int) -> int:
-    """The most programs that share one KV head's positions: every head's splits fit in one
+def attention_splits(heads: int, programs: int) -> int:
+    """The most programs that share one query head's positions: every head's splits fit in one
     wave of programs, so a long context makes each split longer rather than adding waves."""
-    return max(1, programs // kv_heads)
+    return max(1, programs // heads)
 
 
 def rows_per_load(config) -> int:

@@ -34,7 +34,7 @@ class PersistentDecode:
         slots = [writers_per_block(n, k, programs)
                  for n, k in ((nqkv, H), (H, H), (2 * I, H), (H, I))]
         heads = c.num_attention_heads
-        splits = attention_splits(c.num_key_value_heads, programs)
+        splits = attention_splits(heads, programs)
         f32 = dict(dtype=torch.float32, device=device)
         self.buffers = [torch.empty(s * n, **f32)
                         for s, n in zip(slots, (nqkv, H, 2 * I, H))]
@@ -43,16 +43,15 @@ class PersistentDecode:
         self.buffers += [torch.empty(H, **f32), torch.empty(H, **f32), torch.empty(H, **f32),
                          torch.empty(splits * heads * c.head_dim, **f32),
                          torch.empty(splits * heads * 2, **f32),
-                         torch.zeros(c.num_key_value_heads, dtype=torch.int32, device=device)]
+                         torch.zeros(heads, dtype=torch.int32, device=device)]
         self.logits = torch.empty((1, c.vocab_size), **f32)
         self.counter = torch.zeros(1, dtype=torch.int32, device=device)
         pool = cache.pools[0]   # the model, and so its cache, is on one device
         self.kv = (pool, pool.stride(0), pool.stride(1))
-        group = heads // c.num_key_value_heads
         self.meta = dict(P=programs, H=H, NQKV=nqkv, I=I, V=c.vocab_size, NH=heads,
                          NKV=c.num_key_value_heads, D=c.head_dim, BS=cache.block_size,
-                         SPLITS=splits, GP=triton.next_power_of_2(group), S_QKV=slots[0],
-                         S_WO=slots[1], S_GU=slots[2], S_W2=slots[3], BN=BLOCK_N, BK=BLOCK_K, STAGES=STAGES,
+                         SPLITS=splits, S_QKV=slots[0], S_WO=slots[1], S_GU=slots[2],
+                         S_W2=slots[3], BN=BLOCK_N, BK=BLOCK_K, STAGES=STAGES,
                          ROWS=rows_per_load(c), num_warps=NUM_WARPS,
                          X_CHUNKS=triton.next_power_of_2(max(H, I) // BLOCK_K))
 
