@@ -65,12 +65,12 @@ def prefill_tokens_per_s(engine, prompt_len=512, repeat=5) -> float:
 
 
 def graph_replay_ms(engine, replays=100) -> float | None:
-    """GPU time of one captured batch-1 decode step, replayed back to back: the kernels alone,
-    without the host work between steps."""
+    """GPU time of the latest captured decode step (a batch-1 step where the caller ran one),
+    replayed back to back: the kernels alone, without the host work between steps."""
     graphs = engine.graphs
-    if graphs is None or 1 not in graphs.graphs:
+    if graphs is None or graphs.last_replayed is None:
         return None
-    segments = graphs.graphs[1].graphs
+    segments = graphs.last_replayed.graphs
     return 1e3 * timed(lambda: [g.replay() for _ in range(replays) for g in segments],
                        engine.model.first_device, repeat=3) / replays
 

@@ -37,7 +37,7 @@ def _report(title, prof, rows=14):
 
 def _write_timeline(engine, path, replays=3):
     graph_replay_ms(engine, replays=2)  # warm
-    segments = engine.graphs.graphs[1].graphs
+    segments = engine.graphs.last_replayed.graphs
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(replays):
             for g in segments:

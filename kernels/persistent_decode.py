@@ -36,9 +36,6 @@ cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
 NEW_SMEM_API = gl.constexpr(hasattr(gl.shared_memory_descriptor, "reinterpret"))
 
-# positions x head_dim of one attention tile: 128 positions at head_dim 64, 64 at 128, so a
-# tile is 32 KB of K and V in bf16 whatever the head size
-ATTN_TILE_ELEMENTS = gl.constexpr(8192)
 SPLIT_TILE = gl.constexpr(32)     # attention partials the combining program reads at once
 OPS_PER_LAYER = gl.constexpr(5)   # qkv, attention, wo, gate+up, w2: each ends in P releases
 
@@ -315,7 +312,8 @@ def _attention_unit(qh, split, n_split, per_split, tiles, seq_len, pos, slot, qk
                     table_ptr, table_stride, scale, P: gl.constexpr, H: gl.constexpr,
                     NQKV: gl.constexpr, NH: gl.constexpr, NKV: gl.constexpr, D: gl.constexpr,
                     BN: gl.constexpr, BK: gl.constexpr, S: gl.constexpr, BS: gl.constexpr,
-                    SPLITS: gl.constexpr, DT: gl.constexpr, KL: gl.constexpr):
+                    SPLITS: gl.constexpr, TILE: gl.constexpr, DT: gl.constexpr,
+                    KL: gl.constexpr):
     """Query head qh over one split of the positions: tiles [split * per_split, + per_split),
     each prefetched while the one before it is folded in. One unit a query head, not a KV
     head: the unit is latency, and the heads of a group reading one K/V tile all hit L2."""
@@ -323,7 +321,6 @@ def _attention_unit(qh, split, n_split, per_split, tiles, seq_len, pos, slot, qk
     HALF: gl.constexpr = D // 2
     kvh = qh // G
     d = gl.arange(0, HALF, layout=gl.SliceLayout(0, KL))
-    TILE: gl.constexpr = ATTN_TILE_ELEMENTS // D
     t0 = split * per_split
     t1 = gl.minimum(t0 + per_split, tiles)
     newest_here = split == n_split - 1
@@ -390,7 +387,8 @@ def _compute(ids_ptr, pos_ptr, slot_ptr, len_ptr, table_ptr, table_stride, embed
              res_mid_ptr, attn_ptr, acc_ptr, ml_ptr, arrivals_ptr, logits_ptr, counter_ptr, eps,
              scale, x_smem, bufs, ready, empty, L, P: gl.constexpr, H: gl.constexpr, NQKV: gl.constexpr,
              I: gl.constexpr, V: gl.constexpr, NH: gl.constexpr, NKV: gl.constexpr,
-             D: gl.constexpr, BS: gl.constexpr, SPLITS: gl.constexpr, S_QKV: gl.constexpr,
+             D: gl.constexpr, BS: gl.constexpr, SPLITS: gl.constexpr, TILE: gl.constexpr,
+             S_QKV: gl.constexpr,
              S_WO: gl.constexpr, S_GU: gl.constexpr, S_W2: gl.constexpr, BN: gl.constexpr,
              BK: gl.constexpr, STAGES: gl.constexpr, ROWS: gl.constexpr, TL: gl.constexpr,
              XL: gl.constexpr, KL: gl.constexpr, ZL: gl.constexpr, DT: gl.constexpr):
@@ -417,7 +415,6 @@ def _compute(ids_ptr, pos_ptr, slot_ptr, len_ptr, table_ptr, table_stride, embed
     slot = gl.load(slot_ptr)
     seq_len = gl.load(len_ptr)
     # at most SPLITS programs a query head, each over a run of whole tiles
-    TILE: gl.constexpr = ATTN_TILE_ELEMENTS // D
     tiles = (seq_len + TILE - 1) // TILE
     per_split = (tiles + SPLITS - 1) // SPLITS
     n_split = (tiles + per_split - 1) // per_split
@@ -443,7 +440,7 @@ def _compute(ids_ptr, pos_ptr, slot_ptr, len_ptr, table_ptr, table_stride, embed
                             qkv_slots,
                             attn_ptr, acc_ptr, ml_ptr, arrivals_ptr, k_ptr, k_ptr + v_offset,
                             cos_ptr, sin_ptr, table_ptr, table_stride, scale, P, H, NQKV, NH,
-                            NKV, D, BN, BK, S_QKV, BS, SPLITS, DT, KL)
+                            NKV, D, BN, BK, S_QKV, BS, SPLITS, TILE, DT, KL)
         release(counter_ptr)
 
         wait_count(counter_ptr, P * (op + 2))
@@ -484,7 +481,8 @@ def persistent_decode_kernel(
         w2_slots, res_in_ptr, res_mid_ptr, attn_ptr, acc_ptr, ml_ptr, arrivals_ptr, logits_ptr,
         counter_ptr, eps, scale, L, P: gl.constexpr, H: gl.constexpr, NQKV: gl.constexpr, I: gl.constexpr,
         V: gl.constexpr, NH: gl.constexpr, NKV: gl.constexpr, D: gl.constexpr,
-        BS: gl.constexpr, SPLITS: gl.constexpr, S_QKV: gl.constexpr, S_WO: gl.constexpr,
+        BS: gl.constexpr, SPLITS: gl.constexpr, TILE: gl.constexpr, S_QKV: gl.constexpr,
+        S_WO: gl.constexpr,
         S_GU: gl.constexpr, S_W2: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
         STAGES: gl.constexpr, ROWS: gl.constexpr, X_CHUNKS: gl.constexpr,
         num_warps: gl.constexpr):
@@ -511,7 +509,7 @@ def persistent_decode_kernel(
                     layer_stride, v_offset, qkv_slots, wo_slots, gu_slots, w2_slots, res_in_ptr,
                     res_mid_ptr, attn_ptr, acc_ptr, ml_ptr, arrivals_ptr, logits_ptr, counter_ptr,
                     eps, scale, x_smem, bufs, ready, empty, L, P, H, NQKV, I, V, NH, NKV, D, BS,
-                    SPLITS, S_QKV, S_WO, S_GU, S_W2, BN, BK, STAGES, ROWS, TL, XL, KL, ZL,
+                    SPLITS, TILE, S_QKV, S_WO, S_GU, S_W2, BN, BK, STAGES, ROWS, TL, XL, KL, ZL,
                     DT)),
         (_loader, (wqkv_desc, wo_desc, w13_desc, w2_desc, head_desc, bufs, ready, empty, L, P, H,
                    NQKV, I, V, BN, BK, STAGES)),

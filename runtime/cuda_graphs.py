@@ -75,6 +75,9 @@ class DecodeGraphs:
         self.host_np = self.host.numpy()   # numpy writes cost far less per step than torch's
         self.inputs = {d: _DeviceInputs(d, self.max_batch, width) for d in model.devices}
         self.by_bucket: dict[int, _BucketGraphs] = {}
+        # batch 1 up to the persistent step's longest context: that step alone, one launch
+        self.persistent_graph: _BucketGraphs | None = None
+        self.last_replayed: _BucketGraphs | None = None   # the graphs of the latest step
         # one per device: the last copy out of self.host, which the next step must not overwrite
         # before it has run (a caller need not read the results between steps)
         self.uploaded = {d: torch.cuda.Event() for d in model.devices}
@@ -101,11 +104,12 @@ class DecodeGraphs:
         return next((b for b in self.buckets if b >= batch), None)
 
     # ---- capture -----------------------------------------------------------------------
-    def _segment_step(self, bucket, index, hidden, residual):
-        """The work of segment `index`: (embed), its layers, (norm + head)."""
+    def _segment_step(self, bucket, index, hidden, residual, persistent=False):
+        """The work of segment `index`: (embed), its layers, (norm + head); or, where
+        `persistent`, the whole batch-1 step as one launch."""
         device, start, end = self.model.segments[index]
         inputs = self.inputs[device]
-        if bucket == 1 and self.persistent is not None:   # the model is one segment then
+        if persistent:   # the model is one segment then
             packed = inputs.packed
             logits = self.persistent(*packed[:TABLES, :1], packed[TABLES:, 0], packed.stride(0))
             return None, None, (logits, argmax(logits))
@@ -119,7 +123,7 @@ class DecodeGraphs:
         logits = self.model.logits(self.model.final_norm(hidden, residual))
         return hidden, residual, (logits, argmax(logits))
 
-    def capture(self, bucket: int) -> None:
+    def capture(self, bucket: int, persistent: bool = False) -> None:
         self._wait_for_uploads()
         self._fill_padding(0, bucket)
         self._upload(self.host.shape[0])
@@ -129,24 +133,28 @@ class DecodeGraphs:
             if index:
                 hidden, residual = hidden.to(device).clone(), residual.to(device).clone()
             made.inputs.append((hidden, residual) if index else None)
-            hidden, residual, head = self._capture_segment(made, bucket, index, hidden, residual)
+            hidden, residual, head = self._capture_segment(made, bucket, index, hidden, residual,
+                                                           persistent)
             made.outputs.append((hidden, residual))
             if head is not None:
                 made.logits, made.tokens = head
-        self.by_bucket[bucket] = made
+        if persistent:
+            self.persistent_graph = made
+        else:
+            self.by_bucket[bucket] = made
 
-    def _capture_segment(self, made, bucket, index, hidden, residual):
+    def _capture_segment(self, made, bucket, index, hidden, residual, persistent):
         device = self.model.segments[index][0]
         with torch.cuda.device(device):
             stream = torch.cuda.Stream(device)
             stream.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(stream):
                 for _ in range(2):  # warm-up: autotuning and compilation happen outside graphs
-                    self._segment_step(bucket, index, hidden, residual)
+                    self._segment_step(bucket, index, hidden, residual, persistent)
             torch.cuda.current_stream(device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pools.get(device)):
-                result = self._segment_step(bucket, index, hidden, residual)
+                result = self._segment_step(bucket, index, hidden, residual, persistent)
             self.pools[device] = graph.pool()
         made.graphs.append(graph)
         return result
@@ -177,7 +185,11 @@ class DecodeGraphs:
         token_ids may be a tensor on the device (the tokens of the step before, not yet read)."""
         batch = len(token_ids)
         bucket = self.bucket_for(batch)
-        if bucket not in self.by_bucket:
+        persistent = (batch == 1 and self.persistent is not None
+                      and seq_lens[0] <= self.persistent.longest_context)
+        if persistent and self.persistent_graph is None:
+            self.capture(bucket, persistent=True)
+        elif not persistent and bucket not in self.by_bucket:
             self.capture(bucket)
         self._wait_for_uploads()
         host = self.host_np
@@ -193,7 +205,8 @@ class DecodeGraphs:
         self._upload(TABLES + max(1, max(map(len, tables))))
         if on_device:   # queued after the upload, which wrote this row from the host
             self.inputs[self.model.first_device].packed[IDS, :batch].copy_(token_ids)
-        made = self.by_bucket[bucket]
+        made = self.persistent_graph if persistent else self.by_bucket[bucket]
+        self.last_replayed = made
         for index, graph in enumerate(made.graphs):
             if index:
                 (hidden, residual), (prev_h, prev_r) = made.inputs[index], made.outputs[index - 1]

@@ -25,6 +25,8 @@ if TYPE_CHECKING:  # imported for real only where the step is built (CUDA-only c
 ON_BY_DEFAULT = False   # measured slower than the per-op kernels so far (kernels/NOTES.md)
 BLOCK_N, BLOCK_K, STAGES, NUM_WARPS = 64, 128, 8, 8
 MAX_ROWS_PER_LOAD = 16   # K chunks of the input row staged into shared memory per load
+# positions x head_dim of one attention tile: 128 positions at head_dim 64, 64 at 128
+ATTN_TILE_ELEMENTS = 8192
 WEIGHTS = ("attention.wqkv", "attention.wo", "feed_forward.w13", "feed_forward.w2")
 NORMS = ("attention_norm", "ffn_norm")
 
@@ -46,6 +48,18 @@ def attention_splits(heads: int, programs: int) -> int:
     """The most programs that share one query head's positions: every head's splits fit in one
     wave of programs, so a long context makes each split longer rather than adding waves."""
     return max(1, programs // heads)
+
+
+def attention_tile(config) -> int:
+    """Positions of one attention tile of the kernel."""
+    return ATTN_TILE_ELEMENTS // config.head_dim
+
+
+def longest_context(config, programs: int) -> int:
+    """The longest sequence the persistent step decodes: one attention tile a (query head,
+    split) unit. Longer, each unit walks several tiles in turn while most programs wait, and
+    the per-op kernels are faster (H200, bench/RESULTS.md, session 13)."""
+    return attention_splits(config.num_attention_heads, programs) * attention_tile(config)
 
 
 def rows_per_load(config) -> int:

@@ -12,8 +12,8 @@ from graph.llama import LlamaModel
 from kernels.persistent_decode import persistent_decode_kernel
 from runtime.kv_cache import PagedKVCache
 from runtime.persistent_decode import (BLOCK_K, BLOCK_N, NORMS, NUM_WARPS, STAGES, WEIGHTS,
-                                       attention_splits, rows_per_load, stack_layers,
-                                       writers_per_block)
+                                       attention_splits, attention_tile, longest_context,
+                                       rows_per_load, stack_layers, writers_per_block)
 
 
 class PersistentDecode:
@@ -24,6 +24,8 @@ class PersistentDecode:
         c, device = model.config, model.first_device
         self.model, self.cache = model, cache
         self.grid = (programs,)
+        # longer sequences decode through the per-op kernels (runtime/persistent_decode.py)
+        self.longest_context = longest_context(model.config, programs)
         weights = [stack_layers(model, name) for name in WEIGHTS]
         self.norms = [stack_layers(model, name) for name in NORMS]
         layout = gl.NVMMASharedLayout(swizzle_byte_width=0,
@@ -50,8 +52,8 @@ class PersistentDecode:
         self.kv = (pool, pool.stride(0), pool.stride(1))
         self.meta = dict(P=programs, H=H, NQKV=nqkv, I=I, V=c.vocab_size, NH=heads,
                          NKV=c.num_key_value_heads, D=c.head_dim, BS=cache.block_size,
-                         SPLITS=splits, S_QKV=slots[0], S_WO=slots[1], S_GU=slots[2],
-                         S_W2=slots[3], BN=BLOCK_N, BK=BLOCK_K, STAGES=STAGES,
+                         SPLITS=splits, TILE=attention_tile(c), S_QKV=slots[0],
+                         S_WO=slots[1], S_GU=slots[2], S_W2=slots[3], BN=BLOCK_N, BK=BLOCK_K, STAGES=STAGES,
                          ROWS=rows_per_load(c), num_warps=NUM_WARPS,
                          X_CHUNKS=triton.next_power_of_2(max(H, I) // BLOCK_K))
 

@@ -118,7 +118,7 @@ def test_kernel_compiles_for_sm90(tmp_path):
         types[name] = "*fp32"
     found = compile_for_sm90(tmp_path, "kernels.persistent_decode", "persistent_decode_kernel",
                              types, dict(P=132, H=4096, NQKV=6144, I=14336, V=128256, NH=32, NKV=8,
-                                         D=128, BS=16, SPLITS=4, S_QKV=3, S_WO=3,
+                                         D=128, BS=16, SPLITS=4, TILE=64, S_QKV=3, S_WO=3,
                                          S_GU=2, S_W2=3, BN=64, BK=128, STAGES=8, ROWS=16,
                                          X_CHUNKS=128, num_warps=8))
     assert found["tma loads"] == 5

@@ -43,13 +43,17 @@ def _state(config, dtype):
     return state
 
 
-def _engine(config, state, dtype, persistent, graphs):
+def _engine(config, state, dtype, persistent, graphs, any_length=True):
+    """any_length: the persistent step decodes past its longest_context too, where the engine
+    would hand such sequences to the per-op kernels, so that the kernel is checked there."""
     devices = [torch.device("cuda", 0)] * config.num_hidden_layers
     model = LlamaModel(config, state, devices, dtype)
     cache = PagedKVCache(300, 16, config.num_key_value_heads, config.head_dim, dtype, devices)
     if persistent:
         engine = make_engine(model, cache, [], cuda_graphs=graphs)
         assert engine.persistent is not None, "the persistent step should run here"
+        if any_length:
+            engine.persistent.longest_context = cache.capacity_tokens
         return engine
     return Engine(model, cache, [], make_decode_graphs(model, cache) if graphs else None)
 
@@ -83,6 +87,24 @@ def test_logits_match_the_per_op_kernels(name, length):
     top2 = want.topk(2, dim=-1).values
     clear = (top2[:, 0] - top2[:, 1]) > 0.05 * want.std(dim=-1)
     assert torch.equal(got.argmax(-1)[clear], want.argmax(-1)[clear])
+
+
+@pytest.mark.parametrize("graphs", [True, False])
+def test_sequences_past_the_longest_context_go_to_the_per_op_kernels(graphs):
+    """A sequence that grows past the persistent step's longest context moves to the per-op
+    kernels on the way (graphed and eager), and the logits stay those of the per-op path."""
+    config = CONFIGS["d128"]
+    state = _state(config, torch.bfloat16)
+    engine = _engine(config, state, torch.bfloat16, True, graphs=graphs, any_length=False)
+    longest = engine.persistent.longest_context
+    prompt, steps = _prompt(longest - 3, config.vocab_size), _prompt(6, config.vocab_size, seed=5)
+    got = _run(engine, prompt, steps)
+    want = _run(_engine(config, state, torch.bfloat16, False, graphs=graphs), prompt, steps)
+    err = ((got - want).norm(dim=-1) / want.norm(dim=-1)).max().item()
+    assert err < 2e-2, err
+    if graphs:   # the last steps replayed the per-op graph of batch 1
+        assert engine.graphs.last_replayed is engine.graphs.graphs[1]
+        assert engine.graphs.persistent_graph is not None
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
