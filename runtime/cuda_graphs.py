@@ -189,7 +189,7 @@ class DecodeGraphs:
                       and seq_lens[0] <= self.persistent.longest_context)
         if persistent and self.persistent_graph is None:
             self.capture(bucket, persistent=True)
-        elif not persistent and bucket not in self.by_bucket:
+        if bucket not in self.by_bucket:   # now, not when a sequence first outgrows the step
             self.capture(bucket)
         self._wait_for_uploads()
         host = self.host_np
