@@ -22,10 +22,19 @@ Activations are rounded to the weights' dtype where the engine's per-op kernels 
 outputs, the residual, the normed row, q/k/v after rotary, attention's output, SiLU's output), so
 both paths compute the same function up to the order of fp32 sums.
 
-Attention of the new token: units of (KV head, chunk of ATTN_CHUNK positions) are spread over all
-programs; each unit covers its query heads (GQA), reads its chunk through the block table, and
-the unit holding the newest position writes that position's k and v into the cache and folds
-them in from registers. With several chunks the last unit of a KV head to arrive combines them.
+Attention of the new token: units of (query head, split) are spread over the programs. A head's
+positions are cut into tiles of TILE positions and the tiles into at most SPLITS runs (SPLITS =
+programs // heads, so every unit fits in one wave); a unit folds its tiles in with an online
+softmax, the block table two tiles ahead and K/V one tile ahead of the fold. The heads of a GQA
+group read the same K/V tile, from L2 after the first. The unit holding the newest position takes
+it from registers, and the group's first head writes it into the cache. With several splits the
+last unit of a head to arrive combines them in split order.
+
+Status (H200, 2026-12-02, session 13): faster than the per-op kernels at a short context (a 1B
+step 0.915 ms against 0.98-0.99, an 8B step 4.28 against 4.39-4.41) but slower past one tile a
+unit, where each unit's tiles are a latency chain on a few programs. runtime/persistent_decode.py
+therefore runs it for sequences up to `longest_context` (512 positions at 1B, 256 at 8B) and hands
+longer ones to the per-op kernels.
 """
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -54,8 +63,8 @@ def _owner(unit, units: gl.constexpr, P: gl.constexpr):
 
 # ---- the loader warp -----------------------------------------------------------------------
 @gluon.jit
-def load_op(desc, row0, bufs, ready, empty, it, pid, P: gl.constexpr, N: gl.constexpr, K: gl.constexpr,
-            BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr):
+def load_op(desc, row0, bufs, ready, empty, it, pid, P: gl.constexpr, N: gl.constexpr,
+            K: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr):
     KC: gl.constexpr = K // BK
     u0, u1 = unit_range((N // BN) * KC, pid, P)
     for u in range(u0, u1):
@@ -69,9 +78,9 @@ def load_op(desc, row0, bufs, ready, empty, it, pid, P: gl.constexpr, N: gl.cons
 
 
 @gluon.jit
-def _loader(wqkv_desc, wo_desc, w13_desc, w2_desc, head_desc, bufs, ready, empty, L, P: gl.constexpr,
-            H: gl.constexpr, NQKV: gl.constexpr, I: gl.constexpr, V: gl.constexpr,
-            BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr):
+def _loader(wqkv_desc, wo_desc, w13_desc, w2_desc, head_desc, bufs, ready, empty, L,
+            P: gl.constexpr, H: gl.constexpr, NQKV: gl.constexpr, I: gl.constexpr,
+            V: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr):
     pid = gl.program_id(0)
     it = 0
     for layer in range(L):
@@ -138,8 +147,6 @@ def _stage_normed(prev_ptr, delta_ptr, sum_ptr, norm_ptr, eps, x_smem, keep_r,
                   BK: gl.constexpr, ROWS: gl.constexpr, XL: gl.constexpr, DT: gl.constexpr):
     """x = RMSNorm(prev + delta) * norm into x_smem; the sum is the new residual, which one
     program (keep_r) stores for the ops after this one."""
-    # runtime loops, not unrolled ones, here and below: this code runs once an op, so its size
-    # costs instruction-cache misses that no loop amortises
     offs0 = _chunk_offsets(ROWS, BK, XL)
     squares = gl.zeros([ROWS, BK], gl.float32, XL)
     for c in gl.static_range(H // BK // ROWS):
@@ -173,9 +180,9 @@ def _stage_attention_out(attn_ptr, x_smem, H: gl.constexpr, BK: gl.constexpr,
 
 
 @gluon.jit
-def _stage_silu(gu_slots, x_smem, H: gl.constexpr, I: gl.constexpr, S: gl.constexpr, P: gl.constexpr,
-                BN: gl.constexpr, BK: gl.constexpr, ROWS: gl.constexpr, XL: gl.constexpr,
-                DT: gl.constexpr):
+def _stage_silu(gu_slots, x_smem, H: gl.constexpr, I: gl.constexpr, S: gl.constexpr,
+                P: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, ROWS: gl.constexpr,
+                XL: gl.constexpr, DT: gl.constexpr):
     offs0 = _chunk_offsets(ROWS, BK, XL)
     for c in gl.static_range(I // BK // ROWS):
         offs = c * ROWS * BK + offs0
@@ -198,9 +205,9 @@ def _flush(out_ptr, acc, block, rows, pid, P: gl.constexpr, N: gl.constexpr, KC:
 
 
 @gluon.jit
-def gemv(out_ptr, x_rows, bufs, ready, empty, it, pid, P: gl.constexpr, N: gl.constexpr, K: gl.constexpr,
-          BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, ATOMIC: gl.constexpr,
-          TL: gl.constexpr):
+def gemv(out_ptr, x_rows, bufs, ready, empty, it, pid, P: gl.constexpr, N: gl.constexpr,
+         K: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
+         ATOMIC: gl.constexpr, TL: gl.constexpr):
     KC: gl.constexpr = K // BK
     units: gl.constexpr = (N // BN) * KC
     u0, u1 = unit_range(units, pid, P)
@@ -228,8 +235,8 @@ def gemv(out_ptr, x_rows, bufs, ready, empty, it, pid, P: gl.constexpr, N: gl.co
 # ---- attention ---------------------------------------------------------------------------------
 @gluon.jit
 def _rotated(qkv_slots, off, d, cos, sin, NQKV: gl.constexpr, H: gl.constexpr,
-             BN: gl.constexpr, BK: gl.constexpr, S: gl.constexpr, P: gl.constexpr, HALF: gl.constexpr,
-             DT: gl.constexpr):
+             BN: gl.constexpr, BK: gl.constexpr, S: gl.constexpr, P: gl.constexpr,
+             HALF: gl.constexpr, DT: gl.constexpr):
     """One head of the QKV output, rounded, rotated (rotate_half pairs) and rounded again."""
     x1 = _rounded(_slot_sum(qkv_slots, off + d, NQKV, H, BN, BK, S, P), DT)
     x2 = _rounded(_slot_sum(qkv_slots, off + HALF + d, NQKV, H, BN, BK, S, P), DT)
@@ -385,13 +392,13 @@ def _compute(ids_ptr, pos_ptr, slot_ptr, len_ptr, table_ptr, table_stride, embed
              attn_norm_ptr, ffn_norm_ptr, final_norm_ptr, cos_ptr, sin_ptr, kv_ptr,
              layer_stride, v_offset, qkv_slots, wo_slots, gu_slots, w2_slots, res_in_ptr,
              res_mid_ptr, attn_ptr, acc_ptr, ml_ptr, arrivals_ptr, logits_ptr, counter_ptr, eps,
-             scale, x_smem, bufs, ready, empty, L, P: gl.constexpr, H: gl.constexpr, NQKV: gl.constexpr,
-             I: gl.constexpr, V: gl.constexpr, NH: gl.constexpr, NKV: gl.constexpr,
-             D: gl.constexpr, BS: gl.constexpr, SPLITS: gl.constexpr, TILE: gl.constexpr,
-             S_QKV: gl.constexpr,
-             S_WO: gl.constexpr, S_GU: gl.constexpr, S_W2: gl.constexpr, BN: gl.constexpr,
-             BK: gl.constexpr, STAGES: gl.constexpr, ROWS: gl.constexpr, TL: gl.constexpr,
-             XL: gl.constexpr, KL: gl.constexpr, ZL: gl.constexpr, DT: gl.constexpr):
+             scale, x_smem, bufs, ready, empty, L, P: gl.constexpr, H: gl.constexpr,
+             NQKV: gl.constexpr, I: gl.constexpr, V: gl.constexpr, NH: gl.constexpr,
+             NKV: gl.constexpr, D: gl.constexpr, BS: gl.constexpr, SPLITS: gl.constexpr,
+             TILE: gl.constexpr, S_QKV: gl.constexpr, S_WO: gl.constexpr, S_GU: gl.constexpr,
+             S_W2: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
+             ROWS: gl.constexpr, TL: gl.constexpr, XL: gl.constexpr, KL: gl.constexpr,
+             ZL: gl.constexpr, DT: gl.constexpr):
     pid = gl.program_id(0)
     # the same bytes seen as rows of BK, so that a tile's slice of x is one dynamic index
     ROW_LAYOUT: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
@@ -479,12 +486,11 @@ def persistent_decode_kernel(
         table_ptr, table_stride, embed_ptr, attn_norm_ptr, ffn_norm_ptr, final_norm_ptr,
         cos_ptr, sin_ptr, kv_ptr, layer_stride, v_offset, qkv_slots, wo_slots, gu_slots,
         w2_slots, res_in_ptr, res_mid_ptr, attn_ptr, acc_ptr, ml_ptr, arrivals_ptr, logits_ptr,
-        counter_ptr, eps, scale, L, P: gl.constexpr, H: gl.constexpr, NQKV: gl.constexpr, I: gl.constexpr,
-        V: gl.constexpr, NH: gl.constexpr, NKV: gl.constexpr, D: gl.constexpr,
+        counter_ptr, eps, scale, L, P: gl.constexpr, H: gl.constexpr, NQKV: gl.constexpr,
+        I: gl.constexpr, V: gl.constexpr, NH: gl.constexpr, NKV: gl.constexpr, D: gl.constexpr,
         BS: gl.constexpr, SPLITS: gl.constexpr, TILE: gl.constexpr, S_QKV: gl.constexpr,
-        S_WO: gl.constexpr,
-        S_GU: gl.constexpr, S_W2: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
-        STAGES: gl.constexpr, ROWS: gl.constexpr, X_CHUNKS: gl.constexpr,
+        S_WO: gl.constexpr, S_GU: gl.constexpr, S_W2: gl.constexpr, BN: gl.constexpr,
+        BK: gl.constexpr, STAGES: gl.constexpr, ROWS: gl.constexpr, X_CHUNKS: gl.constexpr,
         num_warps: gl.constexpr):
     DT: gl.constexpr = embed_ptr.dtype.element_ty
     # 16-byte vectors along K: a warp reads two full 256-byte tile rows, free of bank conflicts

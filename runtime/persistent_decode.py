@@ -1,7 +1,8 @@
 """The batch-1 decode step as one persistent launch (kernels/persistent_decode.py), where it can
 run: a Hopper or newer GPU, triton with Gluon, bf16 or fp16 weights, the whole model on one
-device and shapes the kernel tiles. Everywhere else the step runs the per-op kernels, as before.
-`LLAMA_TRITON_PERSISTENT=1` turns it on, `=0` off (A/B runs).
+device and shapes the kernel tiles, and a sequence no longer than `longest_context`. Everywhere
+else the step runs the per-op kernels, as before. It is on by default; `LLAMA_TRITON_PERSISTENT=0`
+turns it off (A/B runs), `=1` also warns where it cannot run.
 
 The step itself (CUDA-only) is runtime/persistent_step.py; this module decides where it runs.
 Building one restacks each weight kind of all layers into one tensor (the kernel streams it
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
+import warnings
 from typing import TYPE_CHECKING
 
 import torch
@@ -22,7 +25,8 @@ from runtime.kv_cache import PagedKVCache
 if TYPE_CHECKING:  # imported for real only where the step is built (CUDA-only code)
     from runtime.persistent_step import PersistentDecode
 
-ON_BY_DEFAULT = False   # measured slower than the per-op kernels so far (kernels/NOTES.md)
+SWITCH = "LLAMA_TRITON_PERSISTENT"
+ON_BY_DEFAULT = True   # faster than the per-op kernels on an H200 at 1B and 8B (bench/RESULTS.md)
 BLOCK_N, BLOCK_K, STAGES, NUM_WARPS = 64, 128, 8, 8
 MAX_ROWS_PER_LOAD = 16   # K chunks of the input row staged into shared memory per load
 # positions x head_dim of one attention tile: 128 positions at head_dim 64, 64 at 128
@@ -74,8 +78,8 @@ def rows_per_load(config) -> int:
 def why_not(model: LlamaModel, programs: int) -> str | None:
     """None where the persistent step can run this model on `programs` SMs; else why not, in
     words. The model's own limits come first, then the machine's."""
-    if not switched_on("LLAMA_TRITON_PERSISTENT", ON_BY_DEFAULT):
-        return "it is off (LLAMA_TRITON_PERSISTENT=1 turns it on)"
+    if not switched_on(SWITCH, ON_BY_DEFAULT):
+        return f"it is switched off ({SWITCH}=0)"
     if len(model.segments) != 1:
         return "the model is split over several devices"
     if model.dtype not in (torch.bfloat16, torch.float16):
@@ -125,13 +129,22 @@ def stack_layers(model: LlamaModel, name: str) -> torch.Tensor:
 
 
 def make_persistent_decode(model: LlamaModel, cache: PagedKVCache) -> "PersistentDecode | None":
-    """The persistent step where it can run here, else None (the per-op kernels run)."""
-    if model.first_device.type != "cuda":
-        return None
-    if importlib.util.find_spec("triton.experimental.gluon") is None:
-        return None   # a triton older than Gluon
-    programs = torch.cuda.get_device_properties(model.first_device).multi_processor_count
-    if why_not(model, programs) is not None:
+    """The persistent step where it can run here, else None (the per-op kernels run). Where
+    LLAMA_TRITON_PERSISTENT=1 asks for it and it cannot run, a warning says why."""
+    programs, reason = _programs_or_reason(model)
+    if reason is not None:
+        if os.environ.get(SWITCH) == "1":
+            warnings.warn(f"{SWITCH}=1, but the persistent decode step cannot run: {reason}; "
+                          "decoding with the per-op kernels", stacklevel=2)
         return None
     from runtime.persistent_step import PersistentDecode
     return PersistentDecode(model, cache, programs)
+
+
+def _programs_or_reason(model: LlamaModel) -> tuple[int, str | None]:
+    if model.first_device.type != "cuda":
+        return 0, f"the model is on {model.first_device.type}, not a CUDA GPU"
+    if importlib.util.find_spec("triton.experimental.gluon") is None:
+        return 0, "this triton is older than Gluon"
+    programs = torch.cuda.get_device_properties(model.first_device).multi_processor_count
+    return programs, why_not(model, programs)

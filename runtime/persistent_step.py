@@ -53,8 +53,8 @@ class PersistentDecode:
         self.meta = dict(P=programs, H=H, NQKV=nqkv, I=I, V=c.vocab_size, NH=heads,
                          NKV=c.num_key_value_heads, D=c.head_dim, BS=cache.block_size,
                          SPLITS=splits, TILE=attention_tile(c), S_QKV=slots[0],
-                         S_WO=slots[1], S_GU=slots[2], S_W2=slots[3], BN=BLOCK_N, BK=BLOCK_K, STAGES=STAGES,
-                         ROWS=rows_per_load(c), num_warps=NUM_WARPS,
+                         S_WO=slots[1], S_GU=slots[2], S_W2=slots[3], BN=BLOCK_N, BK=BLOCK_K,
+                         STAGES=STAGES, ROWS=rows_per_load(c), num_warps=NUM_WARPS,
                          X_CHUNKS=triton.next_power_of_2(max(H, I) // BLOCK_K))
 
     def __call__(self, ids, positions, slots, seq_lens, table, table_stride) -> torch.Tensor:

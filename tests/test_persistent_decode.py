@@ -67,10 +67,10 @@ def _cpu_model(config=SMALL, dtype=torch.float32, layers=None):
 
 
 def test_why_not_names_the_first_reason(monkeypatch):
-    monkeypatch.delenv("LLAMA_TRITON_PERSISTENT", raising=False)
+    monkeypatch.setenv("LLAMA_TRITON_PERSISTENT", "0")
     model = _cpu_model(dtype=torch.bfloat16)
-    assert "off (LLAMA_TRITON_PERSISTENT=1" in pd.why_not(model, 132)
-    monkeypatch.setenv("LLAMA_TRITON_PERSISTENT", "1")
+    assert "switched off (LLAMA_TRITON_PERSISTENT=0)" in pd.why_not(model, 132)
+    monkeypatch.delenv("LLAMA_TRITON_PERSISTENT")   # on by default
     assert "does not run Triton kernels here" in pd.why_not(model, 132)
     assert pd.writers_per_block(SMALL.vocab_size, SMALL.hidden_size, 1000) > 2
     assert "too small for 1000 programs" in pd.why_not(model, 1000)
@@ -82,14 +82,34 @@ def test_why_not_names_the_first_reason(monkeypatch):
         pd.why_not(model, 132)
 
 
-def test_no_persistent_step_on_the_cpu(monkeypatch):
-    monkeypatch.setenv("LLAMA_TRITON_PERSISTENT", "1")
+def test_no_persistent_step_on_the_cpu(monkeypatch, recwarn):
+    monkeypatch.delenv("LLAMA_TRITON_PERSISTENT", raising=False)
     model = _cpu_model(dtype=torch.bfloat16)
     cache = PagedKVCache(8, 16, SMALL.num_key_value_heads, SMALL.head_dim, torch.bfloat16,
                          model.layer_devices)
     assert pd.make_persistent_decode(model, cache) is None
     engine = make_engine(model, cache, eos_ids=[])
     assert engine.persistent is None and engine.graphs is None
+    assert not recwarn.list   # on by default: where it cannot run, nothing to say
+
+
+def test_asking_for_the_persistent_step_where_it_cannot_run_warns(monkeypatch):
+    monkeypatch.setenv("LLAMA_TRITON_PERSISTENT", "1")
+    model = _cpu_model(dtype=torch.bfloat16)
+    cache = PagedKVCache(8, 16, SMALL.num_key_value_heads, SMALL.head_dim, torch.bfloat16,
+                         model.layer_devices)
+    with pytest.warns(UserWarning, match="LLAMA_TRITON_PERSISTENT=1, but the persistent decode "
+                                         "step cannot run: the model is on cpu, not a CUDA GPU"):
+        engine = make_engine(model, cache, eos_ids=[])
+    assert engine.persistent is None
+
+
+def test_longest_context_is_one_attention_tile_a_unit():
+    # an H100/H200 has 132 SMs: 32 query heads get 4 splits each, of one tile
+    assert pd.longest_context(SHAPES["1b"], 132) == 4 * 128   # head_dim 64: 128-position tiles
+    assert pd.longest_context(SHAPES["8b"], 132) == 4 * 64    # head_dim 128: 64 positions
+    assert pd.longest_context(SMALL, 132) == 16 * 128         # 8 heads: 16 splits
+    assert pd.attention_splits(200, 132) == 1   # more heads than programs: one split each
 
 
 def test_stack_layers_leaves_the_layers_views_of_one_tensor():

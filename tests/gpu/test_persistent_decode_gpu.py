@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.gpu,
 
 @pytest.fixture(autouse=True)
 def persistent_on(monkeypatch):
-    # off by default (runtime/persistent_decode.py: measured slower so far)
+    # on by default; set here so that an A/B setting in the environment does not turn it off
     monkeypatch.setenv("LLAMA_TRITON_PERSISTENT", "1")
 
 
@@ -73,7 +73,7 @@ def _prompt(n, vocab, seed=0):
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-@pytest.mark.parametrize("length", [5, 150, 2100])   # one chunk, three, two tiles of chunks
+@pytest.mark.parametrize("length", [5, 150, 2100])   # one tile, two or three, splits of several
 def test_logits_match_the_per_op_kernels(name, length):
     config = CONFIGS[name]
     dtype = torch.bfloat16
