@@ -87,6 +87,8 @@ def measure(config, device, cuda_graphs=True, decode_only=False, long_decode=Fal
     build_s = time.perf_counter() - start
     decode_tokens_per_s(engine, new_tokens=8)  # warm-up: autotune, compile, graph capture
     result = {"build_s": build_s,
+              # which batch-1 step ran: the persistent one up to this many positions, else 0
+              "persistent_up_to": engine.persistent.longest_context if engine.persistent else 0,
               "decode": decode_tokens_per_s(engine),
               "decode_scheduler": decode_tokens_per_s(engine, through_scheduler=True),
               # replays the last step uploaded: the one above, 143 tokens of context
