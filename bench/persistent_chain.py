@@ -28,7 +28,6 @@ import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from bench.gemm_vs_cublas import device_us
@@ -38,7 +37,7 @@ from kernels.linear import linear
 # Gluon renamed these between triton 3.6 and 3.9; the engine's persistent step holds the shims
 from kernels.persistent_decode import NEW_SMEM_API as _NEW_SMEM_API
 from kernels.persistent_decode import cta_barrier as _cta_barrier
-from kernels.persistent_decode import gemv, load_op, release, wait_count
+from kernels.persistent_decode import gemv, load_op, release, shared_buffers, wait_count
 
 X_ROWS_PER_LOAD = 16  # K chunks of the input row copied into shared memory per load
 
@@ -129,15 +128,7 @@ def persistent_chain_kernel(wqkv_desc, wo_desc, w13_desc, w2_desc, x0_ptr, qkv_p
     # 16-byte vectors along K: a warp reads two full 256-byte tile rows, free of bank conflicts
     TL: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [num_warps, 1], [1, 0])
     XL: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [num_warps, 1], [1, 0])
-    bufs = gl.allocate_shared_memory(wqkv_desc.dtype, [STAGES, BN, BK], wqkv_desc.layout)
-    x_smem = gl.allocate_shared_memory(gl.float32, [X_CHUNKS, BK],
-                                       gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for s in gl.static_range(STAGES):
-        mbarrier.init(ready.index(s), count=1)
-        mbarrier.init(empty.index(s), count=1)
-    fence_async_shared()
+    bufs, ready, empty, x_smem = shared_buffers(wqkv_desc, STAGES, BN, BK, X_CHUNKS)
     gl.warp_specialize([
         (_compute, (x0_ptr, qkv_ptr, o_ptr, gu_ptr, y_ptr, counter_ptr, x_smem, bufs, ready,
                     empty, L, P, H, NQKV, I, BN, BK, STAGES, ROWS, TL, XL)),

@@ -108,6 +108,23 @@ def release(counter_ptr):
 
 
 @gluon.jit
+def shared_buffers(desc, STAGES: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
+                   X_CHUNKS: gl.constexpr):
+    """The weight ring (STAGES tiles of desc's type, with its ready and empty barriers set up)
+    and the fp32 input row staged as [X_CHUNKS, BK]."""
+    bufs = gl.allocate_shared_memory(desc.dtype, [STAGES, BN, BK], desc.layout)
+    x_smem = gl.allocate_shared_memory(gl.float32, [X_CHUNKS, BK],
+                                       gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(ready.index(s), count=1)
+        mbarrier.init(empty.index(s), count=1)
+    fence_async_shared()
+    return bufs, ready, empty, x_smem
+
+
+@gluon.jit
 def _rounded(x, DT: gl.constexpr):
     return x.to(DT).to(gl.float32)
 
@@ -500,15 +517,7 @@ def persistent_decode_kernel(
     KL_COLS: gl.constexpr = D // 16
     KL: gl.constexpr = gl.BlockedLayout([1, 8], [32 // KL_COLS, KL_COLS], [num_warps, 1], [1, 0])
     ZL: gl.constexpr = gl.BlockedLayout([4], [32], [num_warps], [0])
-    bufs = gl.allocate_shared_memory(wqkv_desc.dtype, [STAGES, BN, BK], wqkv_desc.layout)
-    x_smem = gl.allocate_shared_memory(gl.float32, [X_CHUNKS, BK],
-                                       gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for s in gl.static_range(STAGES):
-        mbarrier.init(ready.index(s), count=1)
-        mbarrier.init(empty.index(s), count=1)
-    fence_async_shared()
+    bufs, ready, empty, x_smem = shared_buffers(wqkv_desc, STAGES, BN, BK, X_CHUNKS)
     gl.warp_specialize([
         (_compute, (ids_ptr, pos_ptr, slot_ptr, len_ptr, table_ptr, table_stride, embed_ptr,
                     attn_norm_ptr, ffn_norm_ptr, final_norm_ptr, cos_ptr, sin_ptr, kv_ptr,

@@ -185,8 +185,7 @@ class DecodeGraphs:
         token_ids may be a tensor on the device (the tokens of the step before, not yet read)."""
         batch = len(token_ids)
         bucket = self.bucket_for(batch)
-        persistent = (batch == 1 and self.persistent is not None
-                      and seq_lens[0] <= self.persistent.longest_context)
+        persistent = self.persistent is not None and self.persistent.decodes(seq_lens)
         if persistent and self.persistent_graph is None:
             self.capture(bucket, persistent=True)
         if bucket not in self.by_bucket:   # now, not when a sequence first outgrows the step

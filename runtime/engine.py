@@ -141,8 +141,8 @@ class Engine:
                     max_query_len=max(len(t) for t in new_tokens))
 
     def _forward_eager(self, seqs, batch, all_logits) -> torch.Tensor:
-        if self.persistent is not None and len(seqs) == 1 and batch["max_query_len"] == 1 \
-                and batch["lens"][0] <= self.persistent.longest_context:
+        if self.persistent is not None and batch["max_query_len"] == 1 \
+                and self.persistent.decodes(batch["lens"]):
             return self._persistent_step(seqs[0], batch)
         device = self.model.first_device
         width = max(len(s.blocks.blocks) for s in seqs)

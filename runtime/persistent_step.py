@@ -57,6 +57,11 @@ class PersistentDecode:
                          STAGES=STAGES, ROWS=rows_per_load(c), num_warps=NUM_WARPS,
                          X_CHUNKS=triton.next_power_of_2(max(H, I) // BLOCK_K))
 
+    def decodes(self, seq_lens: list[int]) -> bool:
+        """Whether a decode step of sequences this long is this step's: one sequence, no longer
+        than longest_context (the per-op kernels are faster past it)."""
+        return len(seq_lens) == 1 and seq_lens[0] <= self.longest_context
+
     def __call__(self, ids, positions, slots, seq_lens, table, table_stride) -> torch.Tensor:
         """One token's step: int64 device scalars (ids, positions, slots, seq_lens: one-element
         views), its block table (`table_stride` apart); returns the fp32 logits [1, vocab]."""
