@@ -128,7 +128,7 @@ def persistent_chain_kernel(wqkv_desc, wo_desc, w13_desc, w2_desc, x0_ptr, qkv_p
     # 16-byte vectors along K: a warp reads two full 256-byte tile rows, free of bank conflicts
     TL: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [num_warps, 1], [1, 0])
     XL: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [num_warps, 1], [1, 0])
-    bufs, ready, empty, x_smem = shared_buffers(wqkv_desc, STAGES, BN, BK, X_CHUNKS)
+    bufs, ready, empty, x_smem = shared_buffers(wqkv_desc, STAGES, BN, BK, X_CHUNKS, gl.float32)
     gl.warp_specialize([
         (_compute, (x0_ptr, qkv_ptr, o_ptr, gu_ptr, y_ptr, counter_ptr, x_smem, bufs, ready,
                     empty, L, P, H, NQKV, I, BN, BK, STAGES, ROWS, TL, XL)),

@@ -109,11 +109,11 @@ def release(counter_ptr):
 
 @gluon.jit
 def shared_buffers(desc, STAGES: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
-                   X_CHUNKS: gl.constexpr):
+                   X_CHUNKS: gl.constexpr, X_DTYPE: gl.constexpr):
     """The weight ring (STAGES tiles of desc's type, with its ready and empty barriers set up)
     and the fp32 input row staged as [X_CHUNKS, BK]."""
     bufs = gl.allocate_shared_memory(desc.dtype, [STAGES, BN, BK], desc.layout)
-    x_smem = gl.allocate_shared_memory(gl.float32, [X_CHUNKS, BK],
+    x_smem = gl.allocate_shared_memory(X_DTYPE, [X_CHUNKS, BK],
                                        gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -175,14 +175,14 @@ def _stage_normed(prev_ptr, delta_ptr, sum_ptr, norm_ptr, eps, x_smem, keep_r,
         if KEEP_R:
             gl.store(sum_ptr + offs, r, mask=(offs >= 0) & keep_r)
         squares += r * r
-        x_smem.index(c).store(r)
+        x_smem.index(c).store(r.to(DT))
     rstd = gl.rsqrt(gl.sum(gl.sum(squares, axis=1), axis=0) / H + eps)
     for c in gl.static_range(H // BK // ROWS):
         offs = c * ROWS * BK + offs0
         # each thread reads back the elements it stored itself: no barrier needed before this
-        r = x_smem.index(c).load(XL)
+        r = x_smem.index(c).load(XL).to(gl.float32)
         w = gl.load(norm_ptr + offs).to(gl.float32)
-        x_smem.index(c).store(_rounded(_rounded(r * rstd, DT) * w, DT))
+        x_smem.index(c).store((_rounded(r * rstd, DT) * w).to(DT))
     cta_barrier()
 
 
@@ -192,7 +192,7 @@ def _stage_attention_out(attn_ptr, x_smem, H: gl.constexpr, BK: gl.constexpr,
     offs0 = _chunk_offsets(ROWS, BK, XL)
     for c in gl.static_range(H // BK // ROWS):
         v = gl.load(attn_ptr + c * ROWS * BK + offs0, cache_modifier=".cg")
-        x_smem.index(c).store(v)
+        x_smem.index(c).store(v.to(x_smem.dtype))
     cta_barrier()
 
 
@@ -205,7 +205,7 @@ def _stage_silu(gu_slots, x_smem, H: gl.constexpr, I: gl.constexpr, S: gl.conste
         offs = c * ROWS * BK + offs0
         gate = _slot_sum(gu_slots, offs, 2 * I, H, BN, BK, S, P)
         up = _slot_sum(gu_slots, offs + I, 2 * I, H, BN, BK, S, P)
-        x_smem.index(c).store(_rounded(gate / (1.0 + gl.exp(-gate)) * up, DT))
+        x_smem.index(c).store((gate / (1.0 + gl.exp(-gate)) * up).to(DT))
     cta_barrier()
 
 
@@ -241,7 +241,7 @@ def gemv(out_ptr, x_rows, bufs, ready, empty, it, pid, P: gl.constexpr, N: gl.co
         w = bufs.index(slot).load(TL)
         cta_barrier()  # every warp has read the slot before the loader may refill it
         mbarrier.arrive(empty.index(slot))
-        x = x_rows.index(u % KC).load(gl.SliceLayout(0, TL))
+        x = x_rows.index(u % KC).load(gl.SliceLayout(0, TL)).to(gl.float32)
         acc += w.to(gl.float32) * x[None, :]
         it += 1
     if u1 > u0:
@@ -422,11 +422,11 @@ def _compute(ids_ptr, pos_ptr, slot_ptr, len_ptr, table_ptr, table_stride, embed
     # and as [chunks of ROWS rows, ROWS, BK], so that staging indexes a chunk at run time
     CHUNK_SHAPE: gl.constexpr = [x_smem.shape[0] // ROWS, ROWS, x_smem.shape[1]]
     if NEW_SMEM_API:
-        x_rows = x_smem.reinterpret(gl.float32, x_smem.shape, ROW_LAYOUT)
-        x_smem = x_smem.reinterpret(gl.float32, CHUNK_SHAPE, x_smem.layout)
+        x_rows = x_smem.reinterpret(DT, x_smem.shape, ROW_LAYOUT)
+        x_smem = x_smem.reinterpret(DT, CHUNK_SHAPE, x_smem.layout)
     else:
-        x_rows = x_smem._reinterpret(gl.float32, x_smem.shape, ROW_LAYOUT)
-        x_smem = x_smem._reinterpret(gl.float32, CHUNK_SHAPE, x_smem.layout)
+        x_rows = x_smem._reinterpret(DT, x_smem.shape, ROW_LAYOUT)
+        x_smem = x_smem._reinterpret(DT, CHUNK_SHAPE, x_smem.layout)
     # the head adds into the logits: this program's share is zeroed here, before its first
     # release, so it is zero long before any program reaches the head
     lo, hi = unit_range(V, pid, P)
@@ -517,7 +517,7 @@ def persistent_decode_kernel(
     KL_COLS: gl.constexpr = D // 16
     KL: gl.constexpr = gl.BlockedLayout([1, 8], [32 // KL_COLS, KL_COLS], [num_warps, 1], [1, 0])
     ZL: gl.constexpr = gl.BlockedLayout([4], [32], [num_warps], [0])
-    bufs, ready, empty, x_smem = shared_buffers(wqkv_desc, STAGES, BN, BK, X_CHUNKS)
+    bufs, ready, empty, x_smem = shared_buffers(wqkv_desc, STAGES, BN, BK, X_CHUNKS, DT)
     gl.warp_specialize([
         (_compute, (ids_ptr, pos_ptr, slot_ptr, len_ptr, table_ptr, table_stride, embed_ptr,
                     attn_norm_ptr, ffn_norm_ptr, final_norm_ptr, cos_ptr, sin_ptr, kv_ptr,

@@ -27,7 +27,10 @@ if TYPE_CHECKING:  # imported for real only where the step is built (CUDA-only c
 
 SWITCH = "LLAMA_TRITON_PERSISTENT"
 ON_BY_DEFAULT = True   # faster than the per-op kernels on an H200 at 1B and 8B (bench/RESULTS.md)
-BLOCK_N, BLOCK_K, STAGES, NUM_WARPS = 64, 128, 8, 8
+BLOCK_N, BLOCK_K, NUM_WARPS = 64, 128, 8
+# weight tiles in the ring: as many as shared memory holds beside the staged row, within these
+MIN_STAGES, MAX_STAGES = 4, 12
+SCRATCH_BYTES = 4096   # the ring's mbarriers and the compiler's scratch (2.2 KB at sm_90)
 MAX_ROWS_PER_LOAD = 16   # K chunks of the input row staged into shared memory per load
 # positions x head_dim of one attention tile: 128 positions at head_dim 64, 64 at 128
 ATTN_TILE_ELEMENTS = 8192
@@ -66,6 +69,20 @@ def longest_context(config, programs: int) -> int:
     return attention_splits(config.num_attention_heads, programs) * attention_tile(config)
 
 
+def row_chunks(config) -> int:
+    """BK-column chunks of the staged row: the longer input row's, to a power of two."""
+    chunks = max(config.hidden_size, config.intermediate_size) // BLOCK_K
+    return 1 << (chunks - 1).bit_length()
+
+
+def ring_stages(config, itemsize: int, shared_bytes: int) -> int:
+    """The deepest weight ring (at most MAX_STAGES tiles) that fits in a block's `shared_bytes`
+    beside the staged row (held in the weights' dtype): the deeper the ring, the longer the
+    loader keeps streaming while attention or a grid wait holds the compute warps."""
+    row = row_chunks(config) * BLOCK_K * itemsize
+    return min(MAX_STAGES, (shared_bytes - SCRATCH_BYTES - row) // (BLOCK_N * BLOCK_K * itemsize))
+
+
 def rows_per_load(config) -> int:
     """K chunks staged per load: a power of two that divides both rows' chunk counts."""
     chunks = math.gcd(config.hidden_size // BLOCK_K, config.intermediate_size // BLOCK_K)
@@ -92,7 +109,18 @@ def why_not(model: LlamaModel, programs: int) -> str | None:
         return "the step does not run Triton kernels here (CPU, or LLAMA_TRITON_BACKEND=torch)"
     if torch.cuda.get_device_capability(device)[0] < 9:
         return "it needs TMA and warp specialisation: a Hopper or newer GPU"
+    shared = shared_memory_per_block(device)
+    if ring_stages(model.config, model.dtype.itemsize, shared) < MIN_STAGES:
+        return (f"its staged row and a ring of {MIN_STAGES} weight tiles do not fit in the "
+                f"{shared // 1024} KB of shared memory a block may use here")
     return None
+
+
+def shared_memory_per_block(device) -> int:
+    """The shared memory one block may opt in to (227 KB on a Hopper SM, 99 KB on consumer
+    Blackwell); torch versions before it was exposed get Hopper's."""
+    props = torch.cuda.get_device_properties(device)
+    return getattr(props, "shared_memory_per_block_optin", 227 * 1024)
 
 
 def shape_problem(c, programs: int) -> str | None:

@@ -4,16 +4,16 @@ runtime/persistent_decode.py decides where it runs and builds it."""
 from __future__ import annotations
 
 import torch
-import triton
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from graph.llama import LlamaModel
 from kernels.persistent_decode import persistent_decode_kernel
 from runtime.kv_cache import PagedKVCache
-from runtime.persistent_decode import (BLOCK_K, BLOCK_N, NORMS, NUM_WARPS, STAGES, WEIGHTS,
+from runtime.persistent_decode import (BLOCK_K, BLOCK_N, NORMS, NUM_WARPS, WEIGHTS,
                                        attention_splits, attention_tile, longest_context,
-                                       rows_per_load, stack_layers, writers_per_block)
+                                       ring_stages, row_chunks, rows_per_load,
+                                       shared_memory_per_block, stack_layers, writers_per_block)
 
 
 class PersistentDecode:
@@ -54,8 +54,9 @@ class PersistentDecode:
                          NKV=c.num_key_value_heads, D=c.head_dim, BS=cache.block_size,
                          SPLITS=splits, TILE=attention_tile(c), S_QKV=slots[0],
                          S_WO=slots[1], S_GU=slots[2], S_W2=slots[3], BN=BLOCK_N, BK=BLOCK_K,
-                         STAGES=STAGES, ROWS=rows_per_load(c), num_warps=NUM_WARPS,
-                         X_CHUNKS=triton.next_power_of_2(max(H, I) // BLOCK_K))
+                         STAGES=ring_stages(c, model.dtype.itemsize,
+                                            shared_memory_per_block(device)),
+                         ROWS=rows_per_load(c), num_warps=NUM_WARPS, X_CHUNKS=row_chunks(c))
 
     def decodes(self, seq_lens: list[int]) -> bool:
         """Whether a decode step of sequences this long is this step's: one sequence, no longer

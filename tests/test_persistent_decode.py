@@ -104,6 +104,36 @@ def test_asking_for_the_persistent_step_where_it_cannot_run_warns(monkeypatch):
     assert engine.persistent is None
 
 
+def test_the_ring_is_as_deep_as_shared_memory_allows():
+    hopper = 227 * 1024
+    assert pd.row_chunks(SHAPES["8b"]) == 128   # 14336 columns: 112 chunks, to a power of two
+    assert pd.row_chunks(SMALL) == 16
+    # 8B: a 32 KB bf16 row leaves 11 tiles of 16 KB; 1B's 16 KB row leaves 12 (the cap)
+    assert pd.ring_stages(SHAPES["8b"], 2, hopper) == 11
+    assert pd.ring_stages(SHAPES["1b"], 2, hopper) == pd.MAX_STAGES == 12
+    assert pd.ring_stages(SHAPES["8b"], 2, 99 * 1024) < pd.MIN_STAGES   # consumer Blackwell
+
+
+def test_too_little_shared_memory_is_a_reason(monkeypatch):
+    monkeypatch.delenv("LLAMA_TRITON_PERSISTENT", raising=False)
+    monkeypatch.setattr(pd, "use_triton", lambda tensor: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (12, 0))
+    monkeypatch.setattr(pd, "shared_memory_per_block", lambda device: 56 * 1024)
+    model = _cpu_model(dtype=torch.bfloat16)   # a 4 KB row: room for 3 tiles of 16 KB
+    assert pd.why_not(model, 132) == ("its staged row and a ring of 4 weight tiles do not fit "
+                                      "in the 56 KB of shared memory a block may use here")
+    monkeypatch.setattr(pd, "shared_memory_per_block", lambda device: 72 * 1024)
+    assert pd.why_not(model, 132) is None
+
+
+@pytest.mark.parametrize("props, expected", [
+    (dict(shared_memory_per_block_optin=101376), 101376), (dict(), 227 * 1024)])
+def test_shared_memory_per_block_reads_the_device(monkeypatch, props, expected):
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: type("Props", (), props)())
+    assert pd.shared_memory_per_block(torch.device("cuda", 0)) == expected
+
+
 def test_longest_context_is_one_attention_tile_a_unit():
     # an H100/H200 has 132 SMs: 32 query heads get 4 splits each, of one tile
     assert pd.longest_context(SHAPES["1b"], 132) == 4 * 128   # head_dim 64: 128-position tiles
@@ -127,7 +157,7 @@ def test_kernel_compiles_for_sm90(tmp_path):
     """The kernel only runs on a Hopper GPU (tests/gpu); here it is compiled for one at the 8B
     shape: five weight streams by TMA in the loader warp (four a layer and the head), the
     register split, acquire waits and release counts, the head's fp32 atomics, cross-program
-    reads from L2, and a shared-memory budget that fits one program an SM."""
+    reads from L2, and the deepest ring the host chooses within a Hopper block's shared memory."""
     types = dict(ids_ptr="*i64", pos_ptr="*i64", slot_ptr="*i64", len_ptr="*i64",
                  table_ptr="*i64", embed_ptr="*bf16", attn_norm_ptr="*bf16",
                  ffn_norm_ptr="*bf16", final_norm_ptr="*bf16", kv_ptr="*bf16",
@@ -139,8 +169,9 @@ def test_kernel_compiles_for_sm90(tmp_path):
     found = compile_for_sm90(tmp_path, "kernels.persistent_decode", "persistent_decode_kernel",
                              types, dict(P=132, H=4096, NQKV=6144, I=14336, V=128256, NH=32, NKV=8,
                                          D=128, BS=16, SPLITS=4, TILE=64, S_QKV=3, S_WO=3,
-                                         S_GU=2, S_W2=3, BN=64, BK=128, STAGES=8, ROWS=16,
-                                         X_CHUNKS=128, num_warps=8))
+                                         S_GU=2, S_W2=3, BN=64, BK=128, ROWS=16,
+                                         STAGES=pd.ring_stages(SHAPES["8b"], 2, 227 * 1024),
+                                         X_CHUNKS=pd.row_chunks(SHAPES["8b"]), num_warps=8))
     assert found["tma loads"] == 5
     assert found["slot waits"] >= 2 and found["slot releases"] >= 1
     assert found["register split"] >= 2
