@@ -30,8 +30,8 @@ group read the same K/V tile, from L2 after the first. The unit holding the newe
 it from registers, and the group's first head writes it into the cache. With several splits the
 last unit of a head to arrive combines them in split order.
 
-Status (H200, 2026-12-02, session 13): faster than the per-op kernels at a short context (a 1B
-step 0.915 ms against 0.98-0.99, an 8B step 4.28 against 4.39-4.41) but slower past one tile a
+Status (H200, 2026-12-02, session 14): faster than the per-op kernels at a short context (a 1B
+step 0.904 ms against 0.940, an 8B step 4.21 against 4.38) but slower past one tile a
 unit, where each unit's tiles are a latency chain on a few programs. runtime/persistent_decode.py
 therefore runs it for sequences up to `longest_context` (512 positions at 1B, 256 at 8B) and hands
 longer ones to the per-op kernels.
@@ -111,7 +111,7 @@ def release(counter_ptr):
 def shared_buffers(desc, STAGES: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
                    X_CHUNKS: gl.constexpr, X_DTYPE: gl.constexpr):
     """The weight ring (STAGES tiles of desc's type, with its ready and empty barriers set up)
-    and the fp32 input row staged as [X_CHUNKS, BK]."""
+    and the input row staged as [X_CHUNKS, BK] of X_DTYPE."""
     bufs = gl.allocate_shared_memory(desc.dtype, [STAGES, BN, BK], desc.layout)
     x_smem = gl.allocate_shared_memory(X_DTYPE, [X_CHUNKS, BK],
                                        gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
