@@ -31,6 +31,7 @@ BLOCK_N, BLOCK_K, NUM_WARPS = 64, 128, 8
 # weight tiles in the ring: as many as shared memory holds beside the staged row, within these
 MIN_STAGES, MAX_STAGES = 4, 12
 SCRATCH_BYTES = 4096   # the ring's mbarriers and the compiler's scratch (2.2 KB at sm_90)
+HOPPER_SHARED_BYTES = 227 * 1024   # the shared memory a block may opt in to on a Hopper SM
 MAX_ROWS_PER_LOAD = 16   # K chunks of the input row staged into shared memory per load
 # positions x head_dim of one attention tile: 128 positions at head_dim 64, 64 at 128
 ATTN_TILE_ELEMENTS = 8192
@@ -120,7 +121,7 @@ def shared_memory_per_block(device) -> int:
     """The shared memory one block may opt in to (227 KB on a Hopper SM, 99 KB on consumer
     Blackwell); torch versions before it was exposed get Hopper's."""
     props = torch.cuda.get_device_properties(device)
-    return getattr(props, "shared_memory_per_block_optin", 227 * 1024)
+    return getattr(props, "shared_memory_per_block_optin", HOPPER_SHARED_BYTES)
 
 
 def shape_problem(c, programs: int) -> str | None:

@@ -105,7 +105,7 @@ def test_asking_for_the_persistent_step_where_it_cannot_run_warns(monkeypatch):
 
 
 def test_the_ring_is_as_deep_as_shared_memory_allows():
-    hopper = 227 * 1024
+    hopper = pd.HOPPER_SHARED_BYTES
     assert pd.row_chunks(SHAPES["8b"]) == 128   # 14336 columns: 112 chunks, to a power of two
     assert pd.row_chunks(SMALL) == 16
     # 8B: a 32 KB bf16 row leaves 11 tiles of 16 KB; 1B's 16 KB row leaves 12 (the cap)
@@ -127,7 +127,7 @@ def test_too_little_shared_memory_is_a_reason(monkeypatch):
 
 
 @pytest.mark.parametrize("props, expected", [
-    (dict(shared_memory_per_block_optin=101376), 101376), (dict(), 227 * 1024)])
+    (dict(shared_memory_per_block_optin=101376), 101376), (dict(), pd.HOPPER_SHARED_BYTES)])
 def test_shared_memory_per_block_reads_the_device(monkeypatch, props, expected):
     monkeypatch.setattr(torch.cuda, "get_device_properties",
                         lambda device: type("Props", (), props)())
@@ -166,15 +166,15 @@ def test_kernel_compiles_for_sm90(tmp_path):
     for name in ("cos_ptr", "sin_ptr", "qkv_slots", "wo_slots", "gu_slots", "w2_slots",
                  "res_in_ptr", "res_mid_ptr", "attn_ptr", "acc_ptr", "ml_ptr", "logits_ptr"):
         types[name] = "*fp32"
+    stages = pd.ring_stages(SHAPES["8b"], 2, pd.HOPPER_SHARED_BYTES)
     found = compile_for_sm90(tmp_path, "kernels.persistent_decode", "persistent_decode_kernel",
                              types, dict(P=132, H=4096, NQKV=6144, I=14336, V=128256, NH=32, NKV=8,
                                          D=128, BS=16, SPLITS=4, TILE=64, S_QKV=3, S_WO=3,
-                                         S_GU=2, S_W2=3, BN=64, BK=128, ROWS=16,
-                                         STAGES=pd.ring_stages(SHAPES["8b"], 2, 227 * 1024),
+                                         S_GU=2, S_W2=3, BN=64, BK=128, ROWS=16, STAGES=stages,
                                          X_CHUNKS=pd.row_chunks(SHAPES["8b"]), num_warps=8))
     assert found["tma loads"] == 5
     assert found["slot waits"] >= 2 and found["slot releases"] >= 1
     assert found["register split"] >= 2
     assert found["acquire"] >= 1 and found["release"] >= 2
     assert found["f32 atomic adds"] >= 1 and found["L2-only loads"] >= 1
-    assert found["shared"] <= 227 * 1024
+    assert found["shared"] <= pd.HOPPER_SHARED_BYTES
