@@ -48,13 +48,15 @@ def _loader(wqkv_desc, wo_desc, w13_desc, w2_desc, bufs, ready, empty, L, P: gl.
             BK: gl.constexpr, STAGES: gl.constexpr):
     pid = gl.program_id(0)
     it = 0
-    for layer in range(L):
+    for layer in range(L):  # the ring's every slot may be in flight (IN_FLIGHT = STAGES)
         it = load_op(wqkv_desc, layer * NQKV, bufs, ready, empty, it, pid, P, NQKV, H, BN, BK,
-                      STAGES)
-        it = load_op(wo_desc, layer * H, bufs, ready, empty, it, pid, P, H, H, BN, BK, STAGES)
+                      STAGES, STAGES)
+        it = load_op(wo_desc, layer * H, bufs, ready, empty, it, pid, P, H, H, BN, BK, STAGES,
+                     STAGES)
         it = load_op(w13_desc, layer * 2 * I, bufs, ready, empty, it, pid, P, 2 * I, H, BN, BK,
-                      STAGES)
-        it = load_op(w2_desc, layer * H, bufs, ready, empty, it, pid, P, H, I, BN, BK, STAGES)
+                      STAGES, STAGES)
+        it = load_op(w2_desc, layer * H, bufs, ready, empty, it, pid, P, H, I, BN, BK, STAGES,
+                     STAGES)
 
 
 @gluon.jit

@@ -6,8 +6,10 @@ Why one launch: at batch 1 a step reads every weight once, and a chain of ~7 ker
 pays each kernel's ramp and tail (kernels/NOTES.md, sessions 6-11). Here each program (one per
 SM) runs two partitions:
 - a loader warp walks every weight tile the program owns, op after op and layer after layer,
-  through a ring of shared-memory slots filled by TMA. It waits only for a free slot, never for
-  data, so the next op's weights stream in while the current op, or attention, is finishing;
+  through a ring of shared-memory slots filled by TMA. It waits for a free slot and keeps at
+  most IN_FLIGHT copies on their way (the program's own loads and grid waits queue behind
+  them), never for the compute, so the next op's weights land while the current op, or
+  attention, is finishing;
 - the compute warps wait on a grid-wide counter until an op's input is complete, stage that
   input row in shared memory (residual add and RMSNorm, or SiLU-and-multiply, on the way), and
   multiply each weight tile as its mbarrier completes.
@@ -64,12 +66,19 @@ def _owner(unit, units: gl.constexpr, P: gl.constexpr):
 # ---- the loader warp -----------------------------------------------------------------------
 @gluon.jit
 def load_op(desc, row0, bufs, ready, empty, it, pid, P: gl.constexpr, N: gl.constexpr,
-            K: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr):
+            K: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
+            IN_FLIGHT: gl.constexpr):
     KC: gl.constexpr = K // BK
     u0, u1 = unit_range((N // BN) * KC, pid, P)
     for u in range(u0, u1):
         slot = it % STAGES
         mbarrier.wait(empty.index(slot), ((it // STAGES) & 1) ^ 1)  # the first lap passes
+        if it >= IN_FLIGHT:
+            # at most IN_FLIGHT copies on their way: this SM's grid waits, staging loads and
+            # attention loads queue behind its copies' bytes, so a full ring of copies in flight
+            # would make each of them ~5 us (landed tiles still fill the ring while compute waits)
+            back = it - IN_FLIGHT
+            mbarrier.wait(ready.index(back % STAGES), (back // STAGES) & 1)
         mbarrier.expect(ready.index(slot), desc.block_type.nbytes)
         tma_load(desc, [row0 + (u // KC) * BN, (u % KC) * BK], ready.index(slot),
                  bufs.index(slot))
@@ -80,17 +89,20 @@ def load_op(desc, row0, bufs, ready, empty, it, pid, P: gl.constexpr, N: gl.cons
 @gluon.jit
 def _loader(wqkv_desc, wo_desc, w13_desc, w2_desc, head_desc, bufs, ready, empty, L,
             P: gl.constexpr, H: gl.constexpr, NQKV: gl.constexpr, I: gl.constexpr,
-            V: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr):
+            V: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
+            IN_FLIGHT: gl.constexpr):
     pid = gl.program_id(0)
     it = 0
     for layer in range(L):
         it = load_op(wqkv_desc, layer * NQKV, bufs, ready, empty, it, pid, P, NQKV, H, BN, BK,
-                     STAGES)
-        it = load_op(wo_desc, layer * H, bufs, ready, empty, it, pid, P, H, H, BN, BK, STAGES)
+                     STAGES, IN_FLIGHT)
+        it = load_op(wo_desc, layer * H, bufs, ready, empty, it, pid, P, H, H, BN, BK, STAGES,
+                     IN_FLIGHT)
         it = load_op(w13_desc, layer * 2 * I, bufs, ready, empty, it, pid, P, 2 * I, H, BN, BK,
-                     STAGES)
-        it = load_op(w2_desc, layer * H, bufs, ready, empty, it, pid, P, H, I, BN, BK, STAGES)
-    load_op(head_desc, 0, bufs, ready, empty, it, pid, P, V, H, BN, BK, STAGES)
+                     STAGES, IN_FLIGHT)
+        it = load_op(w2_desc, layer * H, bufs, ready, empty, it, pid, P, H, I, BN, BK, STAGES,
+                     IN_FLIGHT)
+    load_op(head_desc, 0, bufs, ready, empty, it, pid, P, V, H, BN, BK, STAGES, IN_FLIGHT)
 
 
 # ---- grid-wide order -----------------------------------------------------------------------
@@ -131,20 +143,26 @@ def _rounded(x, DT: gl.constexpr):
 
 @gluon.jit
 def _slot_sum(slots_ptr, offs, N: gl.constexpr, K: gl.constexpr, BN: gl.constexpr,
-              BK: gl.constexpr, S: gl.constexpr, P: gl.constexpr):
+              BK: gl.constexpr, S: gl.constexpr, P: gl.constexpr, need=None):
     """Elements `offs` of an op's output [N]: its row blocks' partials, added in rank order.
     A block's writers are the programs from the owner of its first unit to the owner of its
     last; writer j stored into slot j. Programs between them with no units at all (an op of
-    fewer units than programs) wrote nothing, so their slots are skipped."""
+    fewer units than programs) wrote nothing, so their slots are skipped. Where `need` is
+    given, only the elements it marks are read (the others are 0)."""
     KC: gl.constexpr = K // BK
     units: gl.constexpr = (N // BN) * KC
     block = offs // BN
     first = _owner(block * KC, units, P)
     extra = _owner(block * KC + KC - 1, units, P) - first
     # .cg: written by other programs, so read from L2, never from a stale L1 line
-    total = gl.load(slots_ptr + offs, cache_modifier=".cg")
+    if need is None:
+        total = gl.load(slots_ptr + offs, cache_modifier=".cg")
+    else:
+        total = gl.load(slots_ptr + offs, mask=need, other=0.0, cache_modifier=".cg")
     for j in gl.static_range(1, S):
         wrote = (extra >= j) & (units * (first + j + 1) // P > units * (first + j) // P)
+        if need is not None:
+            wrote = wrote & need
         total += gl.load(slots_ptr + j * N + offs, mask=wrote, other=0.0, cache_modifier=".cg")
     return total
 
@@ -197,14 +215,22 @@ def _stage_attention_out(attn_ptr, x_smem, H: gl.constexpr, BK: gl.constexpr,
 
 
 @gluon.jit
-def _stage_silu(gu_slots, x_smem, H: gl.constexpr, I: gl.constexpr, S: gl.constexpr,
+def _stage_silu(gu_slots, x_smem, pid, H: gl.constexpr, I: gl.constexpr, S: gl.constexpr,
                 P: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, ROWS: gl.constexpr,
                 XL: gl.constexpr, DT: gl.constexpr):
+    """SiLU(gate) * up into x_smem, for the K chunks this program's w2 units multiply: a
+    program's units cover part of one or two row blocks, so it reads half of the row at 8B and
+    a quarter at 1B (the others are stored as 0 and never read)."""
+    KC: gl.constexpr = I // BK
+    u0, u1 = unit_range((H // BN) * KC, pid, P)
     offs0 = _chunk_offsets(ROWS, BK, XL)
-    for c in gl.static_range(I // BK // ROWS):
+    first = KC - u0 % KC   # chunk k's first unit from u0 on is u0 + (k + first) % KC
+    chunk = gl.arange(0, ROWS, layout=gl.SliceLayout(1, XL))
+    for c in range(I // BK // ROWS):
         offs = c * ROWS * BK + offs0
-        gate = _slot_sum(gu_slots, offs, 2 * I, H, BN, BK, S, P)
-        up = _slot_sum(gu_slots, offs + I, 2 * I, H, BN, BK, S, P)
+        need = ((c * ROWS + chunk + first) % KC < u1 - u0)[:, None]
+        gate = _slot_sum(gu_slots, offs, 2 * I, H, BN, BK, S, P, need)
+        up = _slot_sum(gu_slots, offs + I, 2 * I, H, BN, BK, S, P, need)
         x_smem.index(c).store((gate / (1.0 + gl.exp(-gate)) * up).to(DT))
     cta_barrier()
 
@@ -481,7 +507,7 @@ def _compute(ids_ptr, pos_ptr, slot_ptr, len_ptr, table_ptr, table_stride, embed
         release(counter_ptr)
 
         wait_count(counter_ptr, P * (op + 4))
-        _stage_silu(gu_slots, x_smem, H, I, S_GU, P, BN, BK, ROWS, XL, DT)
+        _stage_silu(gu_slots, x_smem, pid, H, I, S_GU, P, BN, BK, ROWS, XL, DT)
         it = gemv(w2_slots, x_rows, bufs, ready, empty, it, pid, P, H, I, BN, BK, STAGES,
                    False, TL)
         release(counter_ptr)
@@ -507,8 +533,8 @@ def persistent_decode_kernel(
         I: gl.constexpr, V: gl.constexpr, NH: gl.constexpr, NKV: gl.constexpr, D: gl.constexpr,
         BS: gl.constexpr, SPLITS: gl.constexpr, TILE: gl.constexpr, S_QKV: gl.constexpr,
         S_WO: gl.constexpr, S_GU: gl.constexpr, S_W2: gl.constexpr, BN: gl.constexpr,
-        BK: gl.constexpr, STAGES: gl.constexpr, ROWS: gl.constexpr, X_CHUNKS: gl.constexpr,
-        num_warps: gl.constexpr):
+        BK: gl.constexpr, STAGES: gl.constexpr, IN_FLIGHT: gl.constexpr, ROWS: gl.constexpr,
+        X_CHUNKS: gl.constexpr, num_warps: gl.constexpr):
     DT: gl.constexpr = embed_ptr.dtype.element_ty
     # 16-byte vectors along K: a warp reads two full 256-byte tile rows, free of bank conflicts
     TL: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [num_warps, 1], [1, 0])
@@ -527,5 +553,5 @@ def persistent_decode_kernel(
                     SPLITS, TILE, S_QKV, S_WO, S_GU, S_W2, BN, BK, STAGES, ROWS, TL, XL, KL, ZL,
                     DT)),
         (_loader, (wqkv_desc, wo_desc, w13_desc, w2_desc, head_desc, bufs, ready, empty, L, P, H,
-                   NQKV, I, V, BN, BK, STAGES)),
+                   NQKV, I, V, BN, BK, STAGES, IN_FLIGHT)),
     ], [1], [40])

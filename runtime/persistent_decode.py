@@ -31,6 +31,9 @@ BLOCK_N, BLOCK_K, NUM_WARPS = 64, 128, 8
 # weight tiles in the ring: as many as shared memory holds beside the staged row, within these
 MIN_STAGES, MAX_STAGES = 4, 12
 SCRATCH_BYTES = 4096   # the ring's mbarriers and the compiler's scratch (2.2 KB at sm_90)
+# weight copies a program keeps on their way: enough to keep DRAM busy, few enough that its
+# grid waits and activation loads, which queue behind them, stay short (H200, session 15)
+COPIES_IN_FLIGHT = 3
 HOPPER_SHARED_BYTES = 227 * 1024   # the shared memory a block may opt in to on a Hopper SM
 MAX_ROWS_PER_LOAD = 16   # K chunks of the input row staged into shared memory per load
 # positions x head_dim of one attention tile: 128 positions at head_dim 64, 64 at 128

@@ -10,8 +10,8 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from graph.llama import LlamaModel
 from kernels.persistent_decode import persistent_decode_kernel
 from runtime.kv_cache import PagedKVCache
-from runtime.persistent_decode import (BLOCK_K, BLOCK_N, NORMS, NUM_WARPS, WEIGHTS,
-                                       attention_splits, attention_tile, longest_context,
+from runtime.persistent_decode import (BLOCK_K, BLOCK_N, COPIES_IN_FLIGHT, NORMS, NUM_WARPS,
+                                       WEIGHTS, attention_splits, attention_tile, longest_context,
                                        ring_stages, row_chunks, rows_per_load,
                                        shared_memory_per_block, stack_layers, writers_per_block)
 
@@ -56,6 +56,7 @@ class PersistentDecode:
                          S_WO=slots[1], S_GU=slots[2], S_W2=slots[3], BN=BLOCK_N, BK=BLOCK_K,
                          STAGES=ring_stages(c, model.dtype.itemsize,
                                             shared_memory_per_block(device)),
+                         IN_FLIGHT=COPIES_IN_FLIGHT,
                          ROWS=rows_per_load(c), num_warps=NUM_WARPS, X_CHUNKS=row_chunks(c))
 
     def decodes(self, seq_lens: list[int]) -> bool:
