@@ -182,9 +182,10 @@ def _stage_normed(prev_ptr, delta_ptr, sum_ptr, norm_ptr, eps, x_smem, keep_r,
                   BK: gl.constexpr, ROWS: gl.constexpr, XL: gl.constexpr, DT: gl.constexpr):
     """x = RMSNorm(prev + delta) * norm into x_smem; the sum is the new residual, which one
     program (keep_r) stores for the ops after this one."""
+    GROUPS: gl.constexpr = H // BK // ROWS
     offs0 = _chunk_offsets(ROWS, BK, XL)
     squares = gl.zeros([ROWS, BK], gl.float32, XL)
-    for c in gl.static_range(H // BK // ROWS):
+    for c in gl.static_range(GROUPS):
         offs = c * ROWS * BK + offs0
         r = gl.load(prev_ptr + offs, cache_modifier=".cg").to(gl.float32)
         if HAS_DELTA:
@@ -194,12 +195,14 @@ def _stage_normed(prev_ptr, delta_ptr, sum_ptr, norm_ptr, eps, x_smem, keep_r,
             gl.store(sum_ptr + offs, r, mask=(offs >= 0) & keep_r)
         squares += r * r
         x_smem.index(c).store(r.to(DT))
+        # the norm's weights wait beside the row (row_chunks leaves room): loaded with it, not
+        # a second round trip after the sum of squares
+        x_smem.index(GROUPS + c).store(gl.load(norm_ptr + offs))
     rstd = gl.rsqrt(gl.sum(gl.sum(squares, axis=1), axis=0) / H + eps)
-    for c in gl.static_range(H // BK // ROWS):
-        offs = c * ROWS * BK + offs0
+    for c in gl.static_range(GROUPS):
         # each thread reads back the elements it stored itself: no barrier needed before this
         r = x_smem.index(c).load(XL).to(gl.float32)
-        w = gl.load(norm_ptr + offs).to(gl.float32)
+        w = x_smem.index(GROUPS + c).load(XL).to(gl.float32)
         x_smem.index(c).store((_rounded(r * rstd, DT) * w).to(DT))
     cta_barrier()
 
@@ -215,23 +218,46 @@ def _stage_attention_out(attn_ptr, x_smem, H: gl.constexpr, BK: gl.constexpr,
 
 
 @gluon.jit
+def _silu_inputs(gu_slots, group, valid, first, n, chunk, offs0, H: gl.constexpr,
+                 I: gl.constexpr, S: gl.constexpr, P: gl.constexpr, BN: gl.constexpr,
+                 BK: gl.constexpr, ROWS: gl.constexpr):
+    """Gate and up of one group of ROWS chunks, read only where a w2 unit of this program
+    multiplies them (chunk k is multiplied if its first unit from u0 on, u0 + (k + first) % KC,
+    is among the program's n units)."""
+    KC: gl.constexpr = I // BK
+    offs = group * ROWS * BK + offs0
+    need = (((group * ROWS + chunk + first) % KC < n) & valid)[:, None]
+    return (_slot_sum(gu_slots, offs, 2 * I, H, BN, BK, S, P, need),
+            _slot_sum(gu_slots, offs + I, 2 * I, H, BN, BK, S, P, need))
+
+
+@gluon.jit
 def _stage_silu(gu_slots, x_smem, pid, H: gl.constexpr, I: gl.constexpr, S: gl.constexpr,
                 P: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, ROWS: gl.constexpr,
                 XL: gl.constexpr, DT: gl.constexpr):
     """SiLU(gate) * up into x_smem, for the K chunks this program's w2 units multiply: a
     program's units cover part of one or two row blocks, so it reads half of the row at 8B and
-    a quarter at 1B (the others are stored as 0 and never read)."""
+    a quarter at 1B (other chunks are left as they are: never read). Two groups of chunks a
+    round trip, starting at the group of its first chunk."""
     KC: gl.constexpr = I // BK
+    GROUPS: gl.constexpr = KC // ROWS
     u0, u1 = unit_range((H // BN) * KC, pid, P)
+    n = gl.minimum(u1 - u0, KC)
+    first = KC - u0 % KC
+    start = u0 % KC // ROWS
+    groups = gl.minimum((u0 % ROWS + n + ROWS - 1) // ROWS, GROUPS)
     offs0 = _chunk_offsets(ROWS, BK, XL)
-    first = KC - u0 % KC   # chunk k's first unit from u0 on is u0 + (k + first) % KC
     chunk = gl.arange(0, ROWS, layout=gl.SliceLayout(1, XL))
-    for c in range(I // BK // ROWS):
-        offs = c * ROWS * BK + offs0
-        need = ((c * ROWS + chunk + first) % KC < u1 - u0)[:, None]
-        gate = _slot_sum(gu_slots, offs, 2 * I, H, BN, BK, S, P, need)
-        up = _slot_sum(gu_slots, offs + I, 2 * I, H, BN, BK, S, P, need)
-        x_smem.index(c).store((gate / (1.0 + gl.exp(-gate)) * up).to(DT))
+    for j in range(0, groups, 2):
+        ga = (start + j) % GROUPS
+        gb = (start + j + 1) % GROUPS
+        gate_a, up_a = _silu_inputs(gu_slots, ga, True, first, n, chunk, offs0, H, I, S, P, BN,
+                                    BK, ROWS)
+        gate_b, up_b = _silu_inputs(gu_slots, gb, j + 1 < groups, first, n, chunk, offs0, H, I,
+                                    S, P, BN, BK, ROWS)
+        x_smem.index(ga).store((gate_a / (1.0 + gl.exp(-gate_a)) * up_a).to(DT))
+        if j + 1 < groups:   # else gb may be the first group again
+            x_smem.index(gb).store((gate_b / (1.0 + gl.exp(-gate_b)) * up_b).to(DT))
     cta_barrier()
 
 

@@ -74,8 +74,9 @@ def longest_context(config, programs: int) -> int:
 
 
 def row_chunks(config) -> int:
-    """BK-column chunks of the staged row: the longer input row's, to a power of two."""
-    chunks = max(config.hidden_size, config.intermediate_size) // BLOCK_K
+    """BK-column chunks of the staged row, to a power of two: the longer input row's, or two
+    hidden rows (a normed row and its norm's weights) where that is longer."""
+    chunks = max(2 * config.hidden_size, config.intermediate_size) // BLOCK_K
     return 1 << (chunks - 1).bit_length()
 
 

@@ -108,6 +108,8 @@ def test_the_ring_is_as_deep_as_shared_memory_allows():
     hopper = pd.HOPPER_SHARED_BYTES
     assert pd.row_chunks(SHAPES["8b"]) == 128   # 14336 columns: 112 chunks, to a power of two
     assert pd.row_chunks(SMALL) == 16
+    # a short intermediate row: room for a normed hidden row and its norm's weights
+    assert pd.row_chunks(dataclasses.replace(SMALL, intermediate_size=512)) == 8
     # 8B: a 32 KB bf16 row leaves 11 tiles of 16 KB; 1B's 16 KB row leaves 12 (the cap)
     assert pd.ring_stages(SHAPES["8b"], 2, hopper) == 11
     assert pd.ring_stages(SHAPES["1b"], 2, hopper) == pd.MAX_STAGES == 12
