@@ -32,11 +32,11 @@ group read the same K/V tile, from L2 after the first. The unit holding the newe
 it from registers, and the group's first head writes it into the cache. With several splits the
 last unit of a head to arrive combines them in split order.
 
-Status (H200, 2026-12-02, session 14): faster than the per-op kernels at a short context (a 1B
-step 0.904 ms against 0.940, an 8B step 4.21 against 4.38) but slower past one tile a
-unit, where each unit's tiles are a latency chain on a few programs. runtime/persistent_decode.py
-therefore runs it for sequences up to `longest_context` (512 positions at 1B, 256 at 8B) and hands
-longer ones to the per-op kernels.
+Status (H200, 2026-12-03, session 15): a 1B step replays in 0.79 ms against 0.98 for the
+per-op kernels, an 8B step in 3.92 ms against 4.39 (98% of the copy-bandwidth roofline). Past
+8 tiles a unit each unit's tiles are a long latency chain on a few programs and the per-op
+kernels win, so runtime/persistent_decode.py runs it for sequences up to `longest_context`
+(4096 positions at 1B, 2048 at 8B) and hands longer ones to the per-op kernels.
 """
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl

@@ -38,6 +38,9 @@ HOPPER_SHARED_BYTES = 227 * 1024   # the shared memory a block may opt in to on 
 MAX_ROWS_PER_LOAD = 16   # K chunks of the input row staged into shared memory per load
 # positions x head_dim of one attention tile: 128 positions at head_dim 64, 64 at 128
 ATTN_TILE_ELEMENTS = 8192
+# attention tiles one (query head, split) unit may walk in turn: up to 8 the step beat the per-op
+# kernels on an H200 (even at 1B's 4096 positions, 3% at 8B's 2048); at 16 it lost 9% (session 15)
+TILES_PER_UNIT = 8
 WEIGHTS = ("attention.wqkv", "attention.wo", "feed_forward.w13", "feed_forward.w2")
 NORMS = ("attention_norm", "ffn_norm")
 
@@ -67,10 +70,11 @@ def attention_tile(config) -> int:
 
 
 def longest_context(config, programs: int) -> int:
-    """The longest sequence the persistent step decodes: one attention tile a (query head,
-    split) unit. Longer, each unit walks several tiles in turn while most programs wait, and
-    the per-op kernels are faster (H200, bench/RESULTS.md, session 13)."""
-    return attention_splits(config.num_attention_heads, programs) * attention_tile(config)
+    """The longest sequence the persistent step decodes: TILES_PER_UNIT attention tiles a
+    (query head, split) unit. Each unit walks its tiles in turn while most programs wait, so
+    past that the per-op kernels, which spread a long context over more programs, are faster."""
+    splits = attention_splits(config.num_attention_heads, programs)
+    return TILES_PER_UNIT * splits * attention_tile(config)
 
 
 def row_chunks(config) -> int:

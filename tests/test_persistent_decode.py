@@ -138,11 +138,12 @@ def test_shared_memory_per_block_reads_the_device(monkeypatch, props, expected):
     assert pd.shared_memory_per_block(torch.device("cuda", 0)) == expected
 
 
-def test_longest_context_is_one_attention_tile_a_unit():
-    # an H100/H200 has 132 SMs: 32 query heads get 4 splits each, of one tile
-    assert pd.longest_context(SHAPES["1b"], 132) == 4 * 128   # head_dim 64: 128-position tiles
-    assert pd.longest_context(SHAPES["8b"], 132) == 4 * 64    # head_dim 128: 64 positions
-    assert pd.longest_context(SMALL, 132) == 16 * 128         # 8 heads: 16 splits
+def test_longest_context_is_eight_attention_tiles_a_unit():
+    # an H100/H200 has 132 SMs: 32 query heads get 4 splits each, of up to 8 tiles
+    assert pd.TILES_PER_UNIT == 8
+    assert pd.longest_context(SHAPES["1b"], 132) == 8 * 4 * 128   # head_dim 64: 128 positions
+    assert pd.longest_context(SHAPES["8b"], 132) == 8 * 4 * 64    # head_dim 128: 64 positions
+    assert pd.longest_context(SMALL, 132) == 8 * 16 * 128         # 8 heads: 16 splits
     assert pd.attention_splits(200, 132) == 1   # more heads than programs: one split each
 
 
