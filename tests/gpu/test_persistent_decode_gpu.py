@@ -96,8 +96,8 @@ def test_sequences_past_the_longest_context_go_to_the_per_op_kernels(graphs):
     config = CONFIGS["d128"]
     state = _state(config, torch.bfloat16)
     engine = _engine(config, state, torch.bfloat16, True, graphs=graphs, any_length=False)
-    # the rule's limit here (8192 positions) is past this test's cache and positions: a lower
-    # one takes the same way
+    # the rule's limit here (8192 positions on 132 SMs) is past this cache and the positions:
+    # a lower one takes the same way
     engine.persistent.longest_context = longest = 1000
     prompt, steps = _prompt(longest - 3, config.vocab_size), _prompt(6, config.vocab_size, seed=5)
     got = _run(engine, prompt, steps)
