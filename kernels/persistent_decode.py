@@ -218,6 +218,11 @@ def _stage_attention_out(attn_ptr, x_smem, H: gl.constexpr, BK: gl.constexpr,
 
 
 @gluon.jit
+def _silu_times(gate, up, DT: gl.constexpr):
+    return (gate / (1.0 + gl.exp(-gate)) * up).to(DT)
+
+
+@gluon.jit
 def _silu_inputs(gu_slots, group, valid, first, n, chunk, offs0, H: gl.constexpr,
                  I: gl.constexpr, S: gl.constexpr, P: gl.constexpr, BN: gl.constexpr,
                  BK: gl.constexpr, ROWS: gl.constexpr):
@@ -255,9 +260,9 @@ def _stage_silu(gu_slots, x_smem, pid, H: gl.constexpr, I: gl.constexpr, S: gl.c
                                     BK, ROWS)
         gate_b, up_b = _silu_inputs(gu_slots, gb, j + 1 < groups, first, n, chunk, offs0, H, I,
                                     S, P, BN, BK, ROWS)
-        x_smem.index(ga).store((gate_a / (1.0 + gl.exp(-gate_a)) * up_a).to(DT))
+        x_smem.index(ga).store(_silu_times(gate_a, up_a, DT))
         if j + 1 < groups:   # else gb may be the first group again
-            x_smem.index(gb).store((gate_b / (1.0 + gl.exp(-gate_b)) * up_b).to(DT))
+            x_smem.index(gb).store(_silu_times(gate_b, up_b, DT))
     cta_barrier()
 
 
