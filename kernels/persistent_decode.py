@@ -223,15 +223,18 @@ def _silu_times(gate, up, DT: gl.constexpr):
 
 
 @gluon.jit
-def _silu_inputs(gu_slots, group, valid, first, n, chunk, offs0, H: gl.constexpr,
+def _silu_inputs(gu_slots, group, valid, first, u0, n, chunk, offs0, H: gl.constexpr,
                  I: gl.constexpr, S: gl.constexpr, P: gl.constexpr, BN: gl.constexpr,
-                 BK: gl.constexpr, ROWS: gl.constexpr):
-    """Gate and up of one group of ROWS chunks, read only where a w2 unit of this program
-    multiplies them (chunk k is multiplied if its first unit from u0 on, u0 + (k + first) % KC,
-    is among the program's n units)."""
+                 BK: gl.constexpr, ROWS: gl.constexpr, W: gl.constexpr):
+    """Gate and up for one group of ROWS slots of the staged row: slot s holds the K chunk of
+    the program's unit u0 + (s + first) % W, read only where that is one of its n units."""
     KC: gl.constexpr = I // BK
-    offs = group * ROWS * BK + offs0
-    need = (((group * ROWS + chunk + first) % KC < n) & valid)[:, None]
+    ahead = (group * ROWS + chunk + first) % W
+    if W == KC:   # the whole row: slot s holds chunk s
+        offs = group * ROWS * BK + offs0
+    else:
+        offs = ((u0 + ahead) % KC * BK)[:, None] + offs0 % BK
+    need = ((ahead < n) & valid)[:, None]
     return (_slot_sum(gu_slots, offs, 2 * I, H, BN, BK, S, P, need),
             _slot_sum(gu_slots, offs + I, 2 * I, H, BN, BK, S, P, need))
 
@@ -239,27 +242,28 @@ def _silu_inputs(gu_slots, group, valid, first, n, chunk, offs0, H: gl.constexpr
 @gluon.jit
 def _stage_silu(gu_slots, x_smem, pid, H: gl.constexpr, I: gl.constexpr, S: gl.constexpr,
                 P: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, ROWS: gl.constexpr,
-                XL: gl.constexpr, DT: gl.constexpr):
-    """SiLU(gate) * up into x_smem, for the K chunks this program's w2 units multiply: a
-    program's units cover part of one or two row blocks, so it reads half of the row at 8B and
-    a quarter at 1B (other chunks are left as they are: never read). Two groups of chunks a
-    round trip, starting at the group of its first chunk."""
-    KC: gl.constexpr = I // BK
-    GROUPS: gl.constexpr = KC // ROWS
-    u0, u1 = unit_range((H // BN) * KC, pid, P)
-    n = gl.minimum(u1 - u0, KC)
-    first = KC - u0 % KC
-    start = u0 % KC // ROWS
+                W: gl.constexpr, XL: gl.constexpr, DT: gl.constexpr):
+    """SiLU(gate) * up into x_smem, only for the K chunks this program's w2 units multiply
+    (unit u's chunk in slot u % W, as gemv reads it): a program's units cover part of one or two
+    row blocks, so it needs about half of the row at 8B and a quarter at 1B. Where W is less
+    than the row's chunks, the row is packed so, and the room the rest would take went to the
+    weight ring (runtime/persistent_decode.row_chunks). Two groups of slots a round trip, from
+    the group of the first unit's slot on."""
+    GROUPS: gl.constexpr = W // ROWS
+    u0, u1 = unit_range((H // BN) * (I // BK), pid, P)
+    n = gl.minimum(u1 - u0, W)
+    first = W - u0 % W
+    start = u0 % W // ROWS
     groups = gl.minimum((u0 % ROWS + n + ROWS - 1) // ROWS, GROUPS)
     offs0 = _chunk_offsets(ROWS, BK, XL)
     chunk = gl.arange(0, ROWS, layout=gl.SliceLayout(1, XL))
     for j in range(0, groups, 2):
         ga = (start + j) % GROUPS
         gb = (start + j + 1) % GROUPS
-        gate_a, up_a = _silu_inputs(gu_slots, ga, True, first, n, chunk, offs0, H, I, S, P, BN,
-                                    BK, ROWS)
-        gate_b, up_b = _silu_inputs(gu_slots, gb, j + 1 < groups, first, n, chunk, offs0, H, I,
-                                    S, P, BN, BK, ROWS)
+        gate_a, up_a = _silu_inputs(gu_slots, ga, True, first, u0, n, chunk, offs0, H, I, S, P,
+                                    BN, BK, ROWS, W)
+        gate_b, up_b = _silu_inputs(gu_slots, gb, j + 1 < groups, first, u0, n, chunk, offs0, H,
+                                    I, S, P, BN, BK, ROWS, W)
         x_smem.index(ga).store(_silu_times(gate_a, up_a, DT))
         if j + 1 < groups:   # else gb may be the first group again
             x_smem.index(gb).store(_silu_times(gate_b, up_b, DT))
@@ -281,7 +285,9 @@ def _flush(out_ptr, acc, block, rows, pid, P: gl.constexpr, N: gl.constexpr, KC:
 @gluon.jit
 def gemv(out_ptr, x_rows, bufs, ready, empty, it, pid, P: gl.constexpr, N: gl.constexpr,
          K: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
-         ATOMIC: gl.constexpr, TL: gl.constexpr):
+         ATOMIC: gl.constexpr, TL: gl.constexpr, W: gl.constexpr):
+    """This program's units of an [N, K] GEMV against the staged row, unit u's K chunk in row
+    u % W of it: the whole row where W = K // BK, else as _stage_silu packs it."""
     KC: gl.constexpr = K // BK
     units: gl.constexpr = (N // BN) * KC
     u0, u1 = unit_range(units, pid, P)
@@ -298,7 +304,7 @@ def gemv(out_ptr, x_rows, bufs, ready, empty, it, pid, P: gl.constexpr, N: gl.co
         w = bufs.index(slot).load(TL)
         cta_barrier()  # every warp has read the slot before the loader may refill it
         mbarrier.arrive(empty.index(slot))
-        x = x_rows.index(u % KC).load(gl.SliceLayout(0, TL)).to(gl.float32)
+        x = x_rows.index(u % W).load(gl.SliceLayout(0, TL)).to(gl.float32)
         acc += w.to(gl.float32) * x[None, :]
         it += 1
     if u1 > u0:
@@ -484,6 +490,9 @@ def _compute(ids_ptr, pos_ptr, slot_ptr, len_ptr, table_ptr, table_stride, embed
     else:
         x_rows = x_smem._reinterpret(DT, x_smem.shape, ROW_LAYOUT)
         x_smem = x_smem._reinterpret(DT, CHUNK_SHAPE, x_smem.layout)
+    # w2's input holds unit u's K chunk in slot u % W2: the whole row where there is room for
+    # it, else packed (a program's units, at most w2_chunks in a row, land in distinct slots)
+    W2: gl.constexpr = x_rows.shape[0] if x_rows.shape[0] < I // BK else I // BK
     # the head adds into the logits: this program's share is zeroed here, before its first
     # release, so it is zero long before any program reaches the head
     lo, hi = unit_range(V, pid, P)
@@ -511,7 +520,7 @@ def _compute(ids_ptr, pos_ptr, slot_ptr, len_ptr, table_ptr, table_stride, embed
             _stage_normed(res_mid_ptr, w2_slots, res_in_ptr, attn_norm_ptr + layer * H, eps,
                           x_smem, keep_r, True, True, H, I, S_W2, P, BN, BK, ROWS, XL, DT)
         it = gemv(qkv_slots, x_rows, bufs, ready, empty, it, pid, P, NQKV, H, BN, BK, STAGES,
-                   False, TL)
+                   False, TL, H // BK)
         release(counter_ptr)
 
         wait_count(counter_ptr, P * (op + 1))
@@ -527,26 +536,27 @@ def _compute(ids_ptr, pos_ptr, slot_ptr, len_ptr, table_ptr, table_stride, embed
         wait_count(counter_ptr, P * (op + 2))
         _stage_attention_out(attn_ptr, x_smem, H, BK, ROWS, XL)
         it = gemv(wo_slots, x_rows, bufs, ready, empty, it, pid, P, H, H, BN, BK, STAGES,
-                   False, TL)
+                   False, TL, H // BK)
         release(counter_ptr)
 
         wait_count(counter_ptr, P * (op + 3))
         _stage_normed(res_in_ptr, wo_slots, res_mid_ptr, ffn_norm_ptr + layer * H, eps, x_smem,
                       keep_r, True, True, H, H, S_WO, P, BN, BK, ROWS, XL, DT)
         it = gemv(gu_slots, x_rows, bufs, ready, empty, it, pid, P, 2 * I, H, BN, BK, STAGES,
-                   False, TL)
+                   False, TL, H // BK)
         release(counter_ptr)
 
         wait_count(counter_ptr, P * (op + 4))
-        _stage_silu(gu_slots, x_smem, pid, H, I, S_GU, P, BN, BK, ROWS, XL, DT)
+        _stage_silu(gu_slots, x_smem, pid, H, I, S_GU, P, BN, BK, ROWS, W2, XL, DT)
         it = gemv(w2_slots, x_rows, bufs, ready, empty, it, pid, P, H, I, BN, BK, STAGES,
-                   False, TL)
+                   False, TL, W2)
         release(counter_ptr)
 
     wait_count(counter_ptr, P * OPS_PER_LAYER * L)
     _stage_normed(res_mid_ptr, w2_slots, res_mid_ptr, final_norm_ptr, eps, x_smem, keep_r, True,
                   False, H, I, S_W2, P, BN, BK, ROWS, XL, DT)
-    gemv(logits_ptr, x_rows, bufs, ready, empty, it, pid, P, V, H, BN, BK, STAGES, True, TL)
+    gemv(logits_ptr, x_rows, bufs, ready, empty, it, pid, P, V, H, BN, BK, STAGES, True, TL,
+         H // BK)
     # the last program out leaves the counter at zero for the next launch (or graph replay)
     cta_barrier()
     last = P * (OPS_PER_LAYER * L + 1) - 1

@@ -29,8 +29,8 @@ SWITCH = "LLAMA_TRITON_PERSISTENT"
 ON_BY_DEFAULT = True   # faster than the per-op kernels on an H200 at 1B and 8B (bench/RESULTS.md)
 BLOCK_N, BLOCK_K, NUM_WARPS = 64, 128, 8
 # weight tiles in the ring: as many as shared memory holds beside the staged row, within these
-MIN_STAGES, MAX_STAGES = 4, 12
-SCRATCH_BYTES = 4096   # the ring's mbarriers and the compiler's scratch (2.2 KB at sm_90)
+MIN_STAGES, MAX_STAGES = 4, 16
+SCRATCH_BYTES = 3072   # the ring's mbarriers and the compiler's scratch (2.2 KB at sm_90)
 # weight copies a program keeps on their way: enough to keep DRAM busy, few enough that its
 # grid waits and activation loads, which queue behind them, stay short (H200, session 15)
 COPIES_IN_FLIGHT = 3
@@ -77,19 +77,47 @@ def longest_context(config, programs: int) -> int:
     return TILES_PER_UNIT * splits * attention_tile(config)
 
 
-def row_chunks(config) -> int:
-    """BK-column chunks of the staged row, to a power of two: the longer input row's, or two
-    hidden rows (a normed row and its norm's weights) where that is longer."""
-    chunks = max(2 * config.hidden_size, config.intermediate_size) // BLOCK_K
-    return 1 << (chunks - 1).bit_length()
+def w2_chunks(config, programs: int) -> int:
+    """The most K chunks of w2's input one program's units multiply, in whole staging loads:
+    a program stages only those (kernels/persistent_decode._stage_silu)."""
+    chunks = config.intermediate_size // BLOCK_K
+    units = config.hidden_size // BLOCK_N * chunks
+    needed = min(chunks, -(-units // programs))
+    rows = rows_per_load(config)
+    return -(-needed // rows) * rows
 
 
-def ring_stages(config, itemsize: int, shared_bytes: int) -> int:
+def _power_of_two(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+def _tiles_beside(chunks: int, itemsize: int, shared_bytes: int) -> int:
+    """Weight tiles that fit in a block's shared memory beside a staged row of `chunks`."""
+    free = shared_bytes - SCRATCH_BYTES - chunks * BLOCK_K * itemsize
+    return min(MAX_STAGES, free // (BLOCK_N * BLOCK_K * itemsize))
+
+
+def row_chunks(config, programs: int, itemsize: int, shared_bytes: int) -> int:
+    """BK-column chunks of the staged row, to a power of two. It holds two hidden rows (a normed
+    row and its norm's weights) and w2's input: the whole intermediate row, or only the chunks
+    one program multiplies (w2_chunks, packed) where that leaves room for a deeper ring. At 8B
+    on a Hopper GPU packing gives 13 tiles instead of 11; at 1B it would give none more, and
+    measured slower (H200, session 16)."""
+    hidden = 2 * config.hidden_size // BLOCK_K
+    whole = _power_of_two(max(hidden, config.intermediate_size // BLOCK_K))
+    packed = _power_of_two(max(hidden, w2_chunks(config, programs)))
+    if _tiles_beside(packed, itemsize, shared_bytes) > _tiles_beside(whole, itemsize,
+                                                                     shared_bytes):
+        return packed
+    return whole
+
+
+def ring_stages(config, itemsize: int, shared_bytes: int, programs: int) -> int:
     """The deepest weight ring (at most MAX_STAGES tiles) that fits in a block's `shared_bytes`
     beside the staged row (held in the weights' dtype): the deeper the ring, the longer the
     loader keeps streaming while attention or a grid wait holds the compute warps."""
-    row = row_chunks(config) * BLOCK_K * itemsize
-    return min(MAX_STAGES, (shared_bytes - SCRATCH_BYTES - row) // (BLOCK_N * BLOCK_K * itemsize))
+    chunks = row_chunks(config, programs, itemsize, shared_bytes)
+    return _tiles_beside(chunks, itemsize, shared_bytes)
 
 
 def rows_per_load(config) -> int:
@@ -119,7 +147,7 @@ def why_not(model: LlamaModel, programs: int) -> str | None:
     if torch.cuda.get_device_capability(device)[0] < 9:
         return "it needs TMA and warp specialisation: a Hopper or newer GPU"
     shared = shared_memory_per_block(device)
-    if ring_stages(model.config, model.dtype.itemsize, shared) < MIN_STAGES:
+    if ring_stages(model.config, model.dtype.itemsize, shared, programs) < MIN_STAGES:
         return (f"its staged row and a ring of {MIN_STAGES} weight tiles do not fit in the "
                 f"{shared // 1024} KB of shared memory a block may use here")
     return None

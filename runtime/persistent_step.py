@@ -50,14 +50,14 @@ class PersistentDecode:
         self.counter = torch.zeros(1, dtype=torch.int32, device=device)
         pool = cache.pools[0]   # the model, and so its cache, is on one device
         self.kv = (pool, pool.stride(0), pool.stride(1))
+        itemsize, shared = model.dtype.itemsize, shared_memory_per_block(device)
         self.meta = dict(P=programs, H=H, NQKV=nqkv, I=I, V=c.vocab_size, NH=heads,
                          NKV=c.num_key_value_heads, D=c.head_dim, BS=cache.block_size,
                          SPLITS=splits, TILE=attention_tile(c), S_QKV=slots[0],
                          S_WO=slots[1], S_GU=slots[2], S_W2=slots[3], BN=BLOCK_N, BK=BLOCK_K,
-                         STAGES=ring_stages(c, model.dtype.itemsize,
-                                            shared_memory_per_block(device)),
-                         IN_FLIGHT=COPIES_IN_FLIGHT,
-                         ROWS=rows_per_load(c), num_warps=NUM_WARPS, X_CHUNKS=row_chunks(c))
+                         STAGES=ring_stages(c, itemsize, shared, programs),
+                         IN_FLIGHT=COPIES_IN_FLIGHT, ROWS=rows_per_load(c), num_warps=NUM_WARPS,
+                         X_CHUNKS=row_chunks(c, programs, itemsize, shared))
 
     def decodes(self, seq_lens: list[int]) -> bool:
         """Whether a decode step of sequences this long is this step's: one sequence, no longer

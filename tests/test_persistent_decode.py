@@ -104,16 +104,38 @@ def test_asking_for_the_persistent_step_where_it_cannot_run_warns(monkeypatch):
     assert engine.persistent is None
 
 
+@pytest.mark.parametrize("shape, programs", [("8b", 132), ("1b", 132), ("8b", 16), ("1b", 7)])
+def test_w2_chunks_holds_every_programs_chunks(shape, programs):
+    """Brute force over the kernel's split of w2 ([hidden, intermediate]): the distinct K
+    chunks of each program's units, which _stage_silu packs into the staged row."""
+    config = SHAPES[shape]
+    chunks = config.intermediate_size // pd.BLOCK_K
+    units = config.hidden_size // pd.BLOCK_N * chunks
+    most = max(len({u % chunks for u in range(units * p // programs,
+                                               units * (p + 1) // programs)})
+               for p in range(programs))
+    rows = pd.rows_per_load(config)
+    assert most <= pd.w2_chunks(config, programs) < most + rows
+    assert pd.w2_chunks(config, programs) % rows == 0
+
+
 def test_the_ring_is_as_deep_as_shared_memory_allows():
     hopper = pd.HOPPER_SHARED_BYTES
-    assert pd.row_chunks(SHAPES["8b"]) == 128   # 14336 columns: 112 chunks, to a power of two
-    assert pd.row_chunks(SMALL) == 16
-    # a short intermediate row: room for a normed hidden row and its norm's weights
-    assert pd.row_chunks(dataclasses.replace(SMALL, intermediate_size=512)) == 8
-    # 8B: a 32 KB bf16 row leaves 11 tiles of 16 KB; 1B's 16 KB row leaves 12 (the cap)
-    assert pd.ring_stages(SHAPES["8b"], 2, hopper) == 11
-    assert pd.ring_stages(SHAPES["1b"], 2, hopper) == pd.MAX_STAGES == 12
-    assert pd.ring_stages(SHAPES["8b"], 2, 99 * 1024) < pd.MIN_STAGES   # consumer Blackwell
+    # 8B: two hidden rows are 64 chunks and a program's w2 units multiply at most 55 of the
+    # 112, so w2's input is packed into 64 chunks (16 KB): 13 tiles of 16 KB instead of 11
+    assert pd.w2_chunks(SHAPES["8b"], 132) == 64
+    assert pd.row_chunks(SHAPES["8b"], 132, 2, hopper) == 64
+    assert pd.ring_stages(SHAPES["8b"], 2, hopper, 132) == 13
+    # 1B: packing (32 chunks) would leave no room for a 14th tile, so the row stays whole
+    assert pd.w2_chunks(SHAPES["1b"], 132) == 16
+    assert pd.row_chunks(SHAPES["1b"], 132, 2, hopper) == 64
+    assert pd.ring_stages(SHAPES["1b"], 2, hopper, 132) == 13 < pd.MAX_STAGES
+    # on 16 programs each multiplies the whole intermediate row: nothing to pack
+    assert pd.row_chunks(SHAPES["8b"], 16, 2, hopper) == 128
+    assert pd.row_chunks(SMALL, 132, 2, hopper) == 16
+    # consumer Blackwell's 99 KB: the packed 8B row leaves 5 tiles; 80 KB too few
+    assert pd.ring_stages(SHAPES["8b"], 2, 99 * 1024, 132) == 5
+    assert pd.ring_stages(SHAPES["8b"], 2, 80 * 1024, 132) < pd.MIN_STAGES
     # the cap on copies in flight leaves every ring that may run room for landed tiles
     assert 1 <= pd.COPIES_IN_FLIGHT < pd.MIN_STAGES
 
@@ -172,13 +194,15 @@ def test_kernel_compiles_for_sm90(tmp_path):
     for name in ("cos_ptr", "sin_ptr", "qkv_slots", "wo_slots", "gu_slots", "w2_slots",
                  "res_in_ptr", "res_mid_ptr", "attn_ptr", "acc_ptr", "ml_ptr", "logits_ptr"):
         types[name] = "*fp32"
-    stages = pd.ring_stages(SHAPES["8b"], 2, pd.HOPPER_SHARED_BYTES)
+    stages = pd.ring_stages(SHAPES["8b"], 2, pd.HOPPER_SHARED_BYTES, 132)
     found = compile_for_sm90(tmp_path, "kernels.persistent_decode", "persistent_decode_kernel",
                              types, dict(P=132, H=4096, NQKV=6144, I=14336, V=128256, NH=32, NKV=8,
                                          D=128, BS=16, SPLITS=4, TILE=64, S_QKV=3, S_WO=3,
                                          S_GU=2, S_W2=3, BN=64, BK=128, ROWS=16, STAGES=stages,
                                          IN_FLIGHT=pd.COPIES_IN_FLIGHT,
-                                         X_CHUNKS=pd.row_chunks(SHAPES["8b"]), num_warps=8))
+                                         X_CHUNKS=pd.row_chunks(SHAPES["8b"], 132, 2,
+                                                                pd.HOPPER_SHARED_BYTES),
+                                         num_warps=8))
     assert found["tma loads"] == 5
     # each of the five streams: the loader waits for a free slot and for the copy IN_FLIGHT
     # back to land, the compute warps for each tile

@@ -6,6 +6,7 @@ import torch
 from bench.random_model import random_state_dict
 from graph.config import LlamaConfig
 from graph.llama import LlamaModel
+from runtime import persistent_decode as pd
 from runtime.engine import Engine, make_decode_graphs, make_engine
 from runtime.kv_cache import PagedKVCache
 from runtime.sampler import SamplingParams
@@ -28,6 +29,11 @@ CONFIGS = {
                        head_dim=64, max_position_embeddings=4096, rms_norm_eps=1e-5,
                        rope_theta=500000.0, tie_word_embeddings=True),
     "d128": LlamaConfig(vocab_size=16384, hidden_size=1024, intermediate_size=2048,
+                        num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4,
+                        head_dim=128, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                        rope_theta=10000.0, tie_word_embeddings=False),
+    # a long intermediate row: w2's input is packed, which leaves room for a deeper ring
+    "wide": LlamaConfig(vocab_size=16384, hidden_size=1024, intermediate_size=14336,
                         num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4,
                         head_dim=128, max_position_embeddings=4096, rms_norm_eps=1e-5,
                         rope_theta=10000.0, tie_word_embeddings=False),
@@ -87,6 +93,17 @@ def test_logits_match_the_per_op_kernels(name, length):
     top2 = want.topk(2, dim=-1).values
     clear = (top2[:, 0] - top2[:, 1]) > 0.05 * want.std(dim=-1)
     assert torch.equal(got.argmax(-1)[clear], want.argmax(-1)[clear])
+
+
+def test_the_wide_config_packs_w2s_input():
+    config = CONFIGS["wide"]
+    engine = _engine(config, _state(config, torch.bfloat16), torch.bfloat16, True, graphs=False)
+    # the logits test covers both ways: "wide" packs w2's input, the others keep it whole
+    assert engine.persistent.meta["X_CHUNKS"] < config.intermediate_size // pd.BLOCK_K
+    for other in ("d64", "d128"):
+        c = CONFIGS[other]
+        whole = c.intermediate_size // pd.BLOCK_K
+        assert pd.row_chunks(c, engine.persistent.grid[0], 2, pd.HOPPER_SHARED_BYTES) >= whole
 
 
 @pytest.mark.parametrize("graphs", [True, False])
