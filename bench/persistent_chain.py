@@ -89,7 +89,8 @@ def _compute_op(in_ptr, out_ptr, counter_ptr, wait_target, x_smem, bufs, ready, 
         x_rows = x_smem.reinterpret(gl.float32, x_smem.shape, ROW_LAYOUT)
     else:
         x_rows = x_smem._reinterpret(gl.float32, x_smem.shape, ROW_LAYOUT)
-    it = gemv(out_ptr, x_rows, bufs, ready, empty, it, pid, P, N, K, BN, BK, STAGES, True, TL)
+    it = gemv(out_ptr, x_rows, bufs, ready, empty, it, pid, P, N, K, BN, BK, STAGES, True, TL,
+              K // BK)
     release(counter_ptr)
     return it
 
