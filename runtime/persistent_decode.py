@@ -30,7 +30,7 @@ ON_BY_DEFAULT = True   # faster than the per-op kernels on an H200 at 1B and 8B 
 BLOCK_N, BLOCK_K, NUM_WARPS = 64, 128, 8
 # weight tiles in the ring: as many as shared memory holds beside the staged row, within these
 MIN_STAGES, MAX_STAGES = 4, 16
-SCRATCH_BYTES = 3072   # the ring's mbarriers and the compiler's scratch (2.2 KB at sm_90)
+SCRATCH_BYTES = 3072   # the ring's mbarriers and the compiler's scratch (1.2-2.2 KB, sm_90)
 # weight copies a program keeps on their way: enough to keep DRAM busy, few enough that its
 # grid waits and activation loads, which queue behind them, stay short (H200, session 15)
 COPIES_IN_FLIGHT = 3

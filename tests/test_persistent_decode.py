@@ -133,6 +133,9 @@ def test_the_ring_is_as_deep_as_shared_memory_allows():
     # on 16 programs each multiplies the whole intermediate row: nothing to pack
     assert pd.row_chunks(SHAPES["8b"], 16, 2, hopper) == 128
     assert pd.row_chunks(SMALL, 132, 2, hopper) == 16
+    # a short intermediate row: room for a normed hidden row and its norm's weights
+    short = dataclasses.replace(SMALL, intermediate_size=512)
+    assert pd.row_chunks(short, 132, 2, hopper) == 8
     # consumer Blackwell's 99 KB: the packed 8B row leaves 5 tiles; 80 KB too few
     assert pd.ring_stages(SHAPES["8b"], 2, 99 * 1024, 132) == 5
     assert pd.ring_stages(SHAPES["8b"], 2, 80 * 1024, 132) < pd.MIN_STAGES
