@@ -35,10 +35,9 @@ last unit of a head to arrive combines them in split order.
 Status (H200, 2026-12-03, sessions 15-16): a 1B step replays in 0.79 ms against 0.98 for the
 per-op kernels, an 8B step in 3.92 ms against 4.39 (98% of the copy-bandwidth roofline); a ring
 of 13 tiles (w2's input packed at 8B to make room) then took the 8B kernel alone from 3.97 to
-3.91 ms. Past
-8 tiles a unit each unit's tiles are a long latency chain on a few programs and the per-op
-kernels win, so runtime/persistent_decode.py runs it for sequences up to `longest_context`
-(4096 positions at 1B, 2048 at 8B) and hands longer ones to the per-op kernels.
+3.91 ms. Past 8 tiles a unit each unit's tiles are a long latency chain on a few programs and the
+per-op kernels win, so runtime/persistent_decode.py runs it for sequences up to
+`longest_context` (4096 positions at 1B, 2048 at 8B) and hands longer ones to the per-op kernels.
 """
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl

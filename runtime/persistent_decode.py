@@ -17,6 +17,7 @@ import warnings
 from typing import TYPE_CHECKING
 
 import torch
+import triton
 
 from graph.llama import LlamaModel
 from kernels.dispatch import switched_on, use_triton
@@ -87,10 +88,6 @@ def w2_chunks(config, programs: int) -> int:
     return -(-needed // rows) * rows
 
 
-def _power_of_two(n: int) -> int:
-    return 1 << (n - 1).bit_length()
-
-
 def _tiles_beside(chunks: int, itemsize: int, shared_bytes: int) -> int:
     """Weight tiles that fit in a block's shared memory beside a staged row of `chunks`."""
     free = shared_bytes - SCRATCH_BYTES - chunks * BLOCK_K * itemsize
@@ -104,8 +101,8 @@ def row_chunks(config, programs: int, itemsize: int, shared_bytes: int) -> int:
     on a Hopper GPU packing gives 13 tiles instead of 11; at 1B it would give none more, and
     measured slower (H200, session 16)."""
     hidden = 2 * config.hidden_size // BLOCK_K
-    whole = _power_of_two(max(hidden, config.intermediate_size // BLOCK_K))
-    packed = _power_of_two(max(hidden, w2_chunks(config, programs)))
+    whole = triton.next_power_of_2(max(hidden, config.intermediate_size // BLOCK_K))
+    packed = triton.next_power_of_2(max(hidden, w2_chunks(config, programs)))
     if _tiles_beside(packed, itemsize, shared_bytes) > _tiles_beside(whole, itemsize,
                                                                      shared_bytes):
         return packed
