@@ -8,8 +8,9 @@ SM) runs two partitions:
 - a loader warp walks every weight tile the program owns, op after op and layer after layer,
   through a ring of shared-memory slots filled by TMA. It waits for a free slot and keeps at
   most IN_FLIGHT copies on their way (the program's own loads and grid waits queue behind
-  them), never for the compute, so the next op's weights land while the current op, or
-  attention, is finishing;
+  them), so the next op's weights land while the current op, or attention, is finishing. It
+  waits for the compute once a layer: a layer's gate+up copies start only when the program is
+  past that layer's attention, whose K/V loads would otherwise queue behind them;
 - the compute warps wait on a grid-wide counter until an op's input is complete, stage that
   input row in shared memory (residual add and RMSNorm, or SiLU-and-multiply, on the way), and
   multiply each weight tile as its mbarrier completes.
@@ -99,6 +100,7 @@ def _loader(wqkv_desc, wo_desc, w13_desc, w2_desc, head_desc, bufs, ready, empty
                      STAGES, IN_FLIGHT)
         it = load_op(wo_desc, layer * H, bufs, ready, empty, it, pid, P, H, H, BN, BK, STAGES,
                      IN_FLIGHT)
+        mbarrier.wait(past_attention(empty, STAGES), layer & 1)
         it = load_op(w13_desc, layer * 2 * I, bufs, ready, empty, it, pid, P, 2 * I, H, BN, BK,
                      STAGES, IN_FLIGHT)
         it = load_op(w2_desc, layer * H, bufs, ready, empty, it, pid, P, H, I, BN, BK, STAGES,
@@ -121,18 +123,27 @@ def release(counter_ptr):
 
 
 @gluon.jit
+def past_attention(empty, STAGES: gl.constexpr):
+    """The barrier the compute arrives on once a layer, when its attention units are done; the
+    loader holds that layer's gate+up copies until then (one phase a layer)."""
+    return empty.index(STAGES)
+
+
+@gluon.jit
 def shared_buffers(desc, STAGES: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
                    X_CHUNKS: gl.constexpr, X_DTYPE: gl.constexpr):
-    """The weight ring (STAGES tiles of desc's type, with its ready and empty barriers set up)
-    and the input row staged as [X_CHUNKS, BK] of X_DTYPE."""
+    """The weight ring (STAGES tiles of desc's type, with its ready and empty barriers set up,
+    `empty` one longer for past_attention) and the input row staged as [X_CHUNKS, BK] of
+    X_DTYPE."""
     bufs = gl.allocate_shared_memory(desc.dtype, [STAGES, BN, BK], desc.layout)
     x_smem = gl.allocate_shared_memory(X_DTYPE, [X_CHUNKS, BK],
                                        gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES + 1, 1], mbarrier.MBarrierLayout())
     for s in gl.static_range(STAGES):
         mbarrier.init(ready.index(s), count=1)
         mbarrier.init(empty.index(s), count=1)
+    mbarrier.init(past_attention(empty, STAGES), count=1)
     fence_async_shared()
     return bufs, ready, empty, x_smem
 
@@ -533,6 +544,7 @@ def _compute(ids_ptr, pos_ptr, slot_ptr, len_ptr, table_ptr, table_stride, embed
                             cos_ptr, sin_ptr, table_ptr, table_stride, scale, P, H, NQKV, NH,
                             NKV, D, BN, BK, S_QKV, BS, SPLITS, TILE, DT, KL)
         release(counter_ptr)
+        mbarrier.arrive(past_attention(empty, STAGES))
 
         wait_count(counter_ptr, P * (op + 2))
         _stage_attention_out(attn_ptr, x_smem, H, BK, ROWS, XL)
