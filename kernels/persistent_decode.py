@@ -33,11 +33,12 @@ group read the same K/V tile, from L2 after the first. The unit holding the newe
 it from registers, and the group's first head writes it into the cache. With several splits the
 last unit of a head to arrive combines them in split order.
 
-Status (H200, 2026-12-03, sessions 15-16): a 1B step replays in 0.79 ms against 0.98 for the
+Status (H200, 2026-12-03, sessions 15-17): a 1B step replays in 0.79 ms against 0.98 for the
 per-op kernels, an 8B step in 3.92 ms against 4.39 (98% of the copy-bandwidth roofline); a ring
 of 13 tiles (w2's input packed at 8B to make room) then took the 8B kernel alone from 3.97 to
-3.91 ms. Past 8 tiles a unit each unit's tiles are a long latency chain on a few programs and the
-per-op kernels win, so runtime/persistent_decode.py runs it for sequences up to
+3.91 ms, and holding gate+up's copies until attention is done took the 1B kernel from 0.755 to
+0.745 ms. Past 8 tiles a unit each unit's tiles are a long latency chain on a few programs and
+the per-op kernels win, so runtime/persistent_decode.py runs it for sequences up to
 `longest_context` (4096 positions at 1B, 2048 at 8B) and hands longer ones to the per-op kernels.
 """
 from triton.experimental import gluon
