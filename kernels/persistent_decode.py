@@ -96,12 +96,16 @@ def _loader(wqkv_desc, wo_desc, w13_desc, w2_desc, head_desc, bufs, ready, empty
             IN_FLIGHT: gl.constexpr):
     pid = gl.program_id(0)
     it = 0
+    # a program with no gate+up tiles holds nothing; its compute never waits on this loader, so
+    # it could arrive on past_attention two layers ahead and a parity wait would miss a phase
+    gu_lo, gu_hi = unit_range((2 * I // BN) * (H // BK), pid, P)
     for layer in range(L):
         it = load_op(wqkv_desc, layer * NQKV, bufs, ready, empty, it, pid, P, NQKV, H, BN, BK,
                      STAGES, IN_FLIGHT)
         it = load_op(wo_desc, layer * H, bufs, ready, empty, it, pid, P, H, H, BN, BK, STAGES,
                      IN_FLIGHT)
-        mbarrier.wait(past_attention(empty, STAGES), layer & 1)
+        if gu_hi > gu_lo:
+            mbarrier.wait(past_attention(empty, STAGES), layer & 1)
         it = load_op(w13_desc, layer * 2 * I, bufs, ready, empty, it, pid, P, 2 * I, H, BN, BK,
                      STAGES, IN_FLIGHT)
         it = load_op(w2_desc, layer * H, bufs, ready, empty, it, pid, P, H, I, BN, BK, STAGES,
